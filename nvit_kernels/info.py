@@ -1,0 +1,50 @@
+"""`python -m nvit_kernels.info`: which backends were built and which can run here, as JSON."""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from . import _native, dispatch
+
+
+def info() -> dict:
+    n_dev, why = _native.cuda_device_count()
+    triton_version = None
+    if dispatch.triton_importable():
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except Exception as e:  # importable but broken: report, do not hide
+            triton_version = f"import failed: {e}"
+    archs = _native._C.cuda_archs if _native.cuda_compiled() else ""
+    return {
+        "cpu": _native.available(),
+        "cpu_threads": _native._C.omp_max_threads() if _native.available() else None,
+        "cuda_compiled": _native.cuda_compiled(),
+        "cuda_archs": [a for a in archs.split(",") if a],
+        "cuda_runtime_version": _native._C.cuda_runtime_version if _native.available() else None,
+        "cuda_device": n_dev > 0,
+        "cuda_device_count": n_dev,
+        "cuda_device_reason": "" if n_dev > 0 else why,
+        "triton_importable": triton_version is not None,
+        "triton_version": triton_version,
+        "triton_interpreter": dispatch.triton_interpreter(),
+        "torch": torch.__version__,
+        "torch_cuda_available": torch.cuda.is_available(),
+        "extension": getattr(_native._C, "__file__", None),
+        "extension_error": _native.LOAD_ERROR,
+        "cuda_backend_default": dispatch._cuda_backend,
+    }
+
+
+def main() -> int:
+    json.dump(info(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
