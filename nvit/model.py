@@ -1,0 +1,221 @@
+"""The NViT model: a timm-style Vision Transformer whose every block has its own head count, per-head
+QK and V dims and MLP width, over one (pruned) embedding width shared by all blocks.
+
+Parameter names mirror timm's VisionTransformer (patch_embed.proj, blocks.i.attn.qkv, ...), so the
+saliency maps of nvit_kernels.vit_maps apply to it too (with qkv_order="per-head": the qkv Linear's
+rows are packed per head as [q_h, k_h, v_h], the layout the uneven-dims attention op reads).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nvit_kernels.attention import uneven_attention
+
+
+@dataclass
+class BlockConfig:
+    qk_dims: list[int]
+    v_dims: list[int]
+    mlp: int
+    scales: list[float]  # softmax scale per head: the source model's, kept through pruning
+
+    def __post_init__(self):
+        n = len(self.qk_dims)
+        if n < 1 or len(self.v_dims) != n or len(self.scales) != n:
+            raise ValueError("nvit: a block needs ≥1 head and one QK dim, V dim and scale per head")
+        if min(self.qk_dims) < 1 or min(self.v_dims) < 1 or self.mlp < 1:
+            raise ValueError(f"nvit: block dims must be ≥1, got qk={self.qk_dims} v={self.v_dims} mlp={self.mlp}")
+
+    @property
+    def heads(self) -> int:
+        return len(self.qk_dims)
+
+    @property
+    def qkv_out(self) -> int:
+        return 2 * sum(self.qk_dims) + sum(self.v_dims)
+
+
+@dataclass
+class NViTConfig:
+    """Everything needed to rebuild an NViT model (stored as config.json)."""
+
+    img_size: int
+    patch_size: int
+    in_chans: int
+    num_classes: int
+    embed_dim: int
+    blocks: list[BlockConfig]
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    layer_scale: bool = False
+    class_token: bool = True
+    dist_token: bool = False
+    reg_tokens: int = 0
+    no_embed_class: bool = False
+    global_pool: str = "token"  # "token" | "avg"
+    fc_norm: bool = False
+    pre_norm: bool = False
+    final_norm: bool = True
+    norm_eps: float = 1e-6
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.blocks = [b if isinstance(b, BlockConfig) else BlockConfig(**b) for b in self.blocks]
+        if self.global_pool not in ("token", "avg"):
+            raise ValueError(f"nvit: global_pool must be 'token' or 'avg', got {self.global_pool!r}")
+        if self.embed_dim < 1:
+            raise ValueError("nvit: embed_dim must be ≥1")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + int(self.dist_token) + self.reg_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+    @property
+    def num_pos(self) -> int:
+        return self.num_patches + (0 if self.no_embed_class else self.num_prefix_tokens)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NViTConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"nvit: unknown config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class UnevenAttention(nn.Module):
+    """Multi-head attention where head h has its own QK and V dims; one fused kernel for all heads."""
+
+    def __init__(self, dim: int, cfg: BlockConfig, qkv_bias: bool, proj_bias: bool):
+        super().__init__()
+        self.qk_dims, self.v_dims, self.scales = list(cfg.qk_dims), list(cfg.v_dims), list(cfg.scales)
+        self.qkv = nn.Linear(dim, cfg.qkv_out, bias=qkv_bias)
+        self.proj = nn.Linear(sum(cfg.v_dims), dim, bias=proj_bias)
+
+    def forward(self, x):
+        o = uneven_attention(self.qkv(x), self.qk_dims, self.v_dims, self.scales)
+        return self.proj(o)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class NViTBlock(nn.Module):
+    def __init__(self, dim: int, cfg: BlockConfig, *, qkv_bias: bool = True, proj_bias: bool = True,
+                 layer_scale: bool = False, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = UnevenAttention(dim, cfg, qkv_bias, proj_bias)
+        self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, cfg.mlp)
+        self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class NViT(nn.Module):
+    """A pruned Vision Transformer with an irregular architecture (see NViTConfig)."""
+
+    def __init__(self, config: NViTConfig):
+        super().__init__()
+        c = self.config = config
+        D = c.embed_dim
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, D)
+        if c.class_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        if c.dist_token:
+            self.dist_token = nn.Parameter(torch.zeros(1, 1, D))
+        if c.reg_tokens:
+            self.reg_token = nn.Parameter(torch.zeros(1, c.reg_tokens, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, c.num_pos, D))
+        self.norm_pre = nn.LayerNorm(D, eps=c.norm_eps) if c.pre_norm else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            NViTBlock(D, b, qkv_bias=c.qkv_bias, proj_bias=c.proj_bias, layer_scale=c.layer_scale,
+                      norm_eps=c.norm_eps) for b in c.blocks])
+        self.norm = nn.LayerNorm(D, eps=c.norm_eps) if c.final_norm and not c.fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(D, eps=c.norm_eps) if c.fc_norm else nn.Identity()
+        self.head = nn.Linear(D, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        if c.dist_token:
+            self.head_dist = nn.Linear(D, c.num_classes) if c.num_classes > 0 else nn.Identity()
+
+    def _prefix(self, B: int) -> list[torch.Tensor]:
+        toks = []
+        if self.config.class_token:
+            toks.append(self.cls_token.expand(B, -1, -1))
+        if self.config.dist_token:
+            toks.append(self.dist_token.expand(B, -1, -1))
+        if self.config.reg_tokens:
+            toks.append(self.reg_token.expand(B, -1, -1))
+        return toks
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        prefix = self._prefix(x.shape[0])
+        if self.config.no_embed_class:
+            x = torch.cat(prefix + [x + self.pos_embed], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + self.pos_embed
+        x = self.norm_pre(x)
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if c.dist_token:
+            i = int(c.class_token)
+            a, b = self.head(self.fc_norm(x[:, 0])), self.head_dist(self.fc_norm(x[:, i]))
+            return (a, b) if self.training and getattr(self, "distilled_training", False) else (a + b) / 2
+        if c.global_pool == "avg":
+            x = x[:, c.num_prefix_tokens:].mean(dim=1)
+        else:
+            x = x[:, 0]
+        return self.head(self.fc_norm(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
