@@ -1,4 +1,473 @@
-// Uneven per-head QK/V attention (CPU). Filled in by the attention work.
+// Uneven per-head QK/V attention on the CPU (forward and backward), all heads of a block per call.
+//
+// Layout: qkv [B, N, W] with W = sum_h (2 qk_h + v_h), per head [q_h | k_h | v_h]; out [B, N, sum_h v_h].
+// Every matmul here runs "vectorised over queries": a tile of Mq (16 or 32) queries fills the SIMD
+// lanes, and the head dims are the loop (reduction) or broadcast dimension. So no head dim is ever
+// padded: a head of QK dim 17 costs 17, not 32. Only the last query tile is rounded up to 16 lanes.
+//
+//   forward, per task (b, h, query tile):  S^T = K Q^T   (keys x queries, scale folded into Q)
+//                                          softmax down each column (one query per lane)
+//                                          O^T = V^T P^T, store O = O^T^T / l
+//   backward, per task (b, h) (so dK and dV have one owner, no reduction between threads):
+//     per query tile: P again, dP^T = V dO^T, G = scale * P * (dP - rowsum(dO*O)),
+//                     dQ^T = K^T G^T (stored), dK += G Q, dV += P dO (head dim padded in scratch only).
+//
+// All of these are C (+)= A B with B and C row-major in aligned scratch (row length a multiple of the
+// SIMD width) and A read with arbitrary strides as broadcast scalars: one register-blocked kernel.
+// N is small for ViTs (<= ~600), so a whole column of scores stays in L1/L2: plain (not online)
+// softmax. fp16/bf16 inputs are converted to fp32 once per tile; fp64 runs in double (for gradcheck).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <vector>
+
+#include "common.h"
+
 namespace py = pybind11;
-void register_attention(py::module_& m) {}
+
+namespace nvit {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
+template <typename T>
+struct Simd {
+  typedef T V __attribute__((vector_size(kVecBytes)));
+  static constexpr int W = kVecBytes / sizeof(T);
+  static V load(const T* p) { return *reinterpret_cast<const V*>(p); }  // p is kVecBytes-aligned
+  static void store(T* p, V v) { *reinterpret_cast<V*>(p) = v; }
+  static V splat(T x) { return V{} + x; }
+};
+
+// ---- storage <-> compute conversions ------------------------------------------------------------
+struct F16 { uint16_t bits; };
+struct BF16 { uint16_t bits; };
+
+template <typename T> inline T to_c(float x) { return static_cast<T>(x); }
+template <typename T> inline T to_c(double x) { return static_cast<T>(x); }
+template <typename T> inline T to_c(F16 x) {  // memcpy, not a pointer cast: no strict-aliasing hazard
+  _Float16 h;
+  std::memcpy(&h, &x.bits, sizeof h);
+  return static_cast<T>(static_cast<float>(h));
+}
+template <typename T> inline T to_c(BF16 x) { return static_cast<T>(bf16_to_float(x.bits)); }
+
+template <typename S> inline S from_c(float x);
+template <> inline float from_c<float>(float x) { return x; }
+template <> inline F16 from_c<F16>(float x) { return F16{float_to_fp16(x)}; }
+template <> inline BF16 from_c<BF16>(float x) { return BF16{float_to_bf16(x)}; }
+template <typename S> inline S from_c(double x);
+template <> inline double from_c<double>(double x) { return x; }
+
+// ---- aligned scratch ----------------------------------------------------------------------------
+template <typename T>
+struct Buf {
+  T* p = nullptr;
+  size_t n = 0;
+  void need(size_t count) {
+    if (count <= n) return;
+    std::free(p);
+    size_t bytes = ((count * sizeof(T) + 63) / 64) * 64;
+    p = static_cast<T*>(std::aligned_alloc(64, bytes));
+    if (!p) throw std::bad_alloc();
+    n = count;
+  }
+  ~Buf() { std::free(p); }
+};
+
+inline long round_up(long x, long m) { return (x + m - 1) / m * m; }
+
+// ---- register-blocked C[M x NV*W] (+)= A(M x K) B[K x NV*W] --------------------------------------
+// A(m, k) = a[m * sam + k * sak] (broadcast), B and C rows aligned with lengths ldb, ldc.
+template <typename T, int MR, int NV>
+inline void micro(const T* a, long sam, long sak, const T* b, long ldb, T* c, long ldc, long K, bool acc) {
+  using X = Simd<T>;
+  typename X::V r[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) r[m][v] = acc ? X::load(c + m * ldc + v * X::W) : typename X::V{};
+  for (long k = 0; k < K; ++k) {
+    typename X::V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = X::load(b + k * ldb + v * X::W);
+    const T* ak = a + k * sak;
+    for (int m = 0; m < MR; ++m) {
+      const T am = ak[m * sam];
+      for (int v = 0; v < NV; ++v) r[m][v] += am * bv[v];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) X::store(c + m * ldc + v * X::W, r[m][v]);
+}
+
+template <typename T, int NV, int MR>
+inline void rows_tail(long rem, const T* a, long sam, long sak, const T* b, long ldb, T* c, long ldc, long K,
+                      bool acc) {
+  if constexpr (MR > 0) {
+    if (rem == MR) return micro<T, MR, NV>(a, sam, sak, b, ldb, c, ldc, K, acc);
+    rows_tail<T, NV, MR - 1>(rem, a, sam, sak, b, ldb, c, ldc, K, acc);
+  }
+}
+
+// Rows per block: NV=2 -> 12x2 accumulators, NV=1 -> 16x1 (within 32 AVX-512 registers; half with AVX2).
+template <int NV> constexpr int mr_for() { return kVecBytes == 64 ? (NV == 2 ? 12 : 16) : (NV == 2 ? 6 : 8); }
+
+template <typename T>
+void gemm(long M, long Ncols, long K, const T* a, long sam, long sak, const T* b, long ldb, T* c, long ldc,
+          bool acc) {
+  constexpr int W = Simd<T>::W;
+  long n0 = 0;
+  for (; n0 + 2 * W <= Ncols; n0 += 2 * W) {
+    constexpr int MR = mr_for<2>();
+    long m0 = 0;
+    for (; m0 + MR <= M; m0 += MR) micro<T, MR, 2>(a + m0 * sam, sam, sak, b + n0, ldb, c + m0 * ldc + n0, ldc, K, acc);
+    if (m0 < M) rows_tail<T, 2, MR - 1>(M - m0, a + m0 * sam, sam, sak, b + n0, ldb, c + m0 * ldc + n0, ldc, K, acc);
+  }
+  for (; n0 < Ncols; n0 += W) {
+    constexpr int MR = mr_for<1>();
+    long m0 = 0;
+    for (; m0 + MR <= M; m0 += MR) micro<T, MR, 1>(a + m0 * sam, sam, sak, b + n0, ldb, c + m0 * ldc + n0, ldc, K, acc);
+    if (m0 < M) rows_tail<T, 1, MR - 1>(M - m0, a + m0 * sam, sam, sak, b + n0, ldb, c + m0 * ldc + n0, ldc, K, acc);
+  }
+}
+
+// ---- exp on a vector of non-positive arguments (x - rowmax) ----------------------------------------
+// float: Cody-Waite range reduction + degree-6 polynomial (~1 ulp), 2^n built in the exponent bits.
+inline Simd<float>::V vexp(Simd<float>::V x) {
+  using V = Simd<float>::V;
+  typedef int32_t VI __attribute__((vector_size(kVecBytes)));
+  x = x < -87.0f ? V{} - 87.0f : x;  // exp(-87) ~ 1.6e-38: far below any softmax term that matters
+  const V magic = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  V t = x * 1.44269504088896341f + magic;
+  V n = t - magic;
+  V r = x - n * 0.693145751953125f;
+  r = r - n * 1.42860682030941723212e-6f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+  V scale;
+  __builtin_memcpy(&scale, &e, sizeof scale);
+  return p * scale;
+}
+inline Simd<double>::V vexp(Simd<double>::V x) {  // the fp64 path exists for gradcheck: exact beats fast
+  Simd<double>::V y;
+  for (int i = 0; i < Simd<double>::W; ++i) y[i] = std::exp(x[i]);
+  return y;
+}
+
+// Column softmax of st [N x cols] (cols a multiple of W). Writes exp(s - max) in place and, per
+// column, 1/sum into inv_l. With `normalise`, st becomes P itself.
+template <typename T>
+void column_softmax(T* st, long N, long cols, T* inv_l, bool normalise) {
+  using X = Simd<T>;
+  for (long v = 0; v < cols; v += X::W) {
+    auto mx = X::splat(-std::numeric_limits<T>::infinity());
+    for (long j = 0; j < N; ++j) {
+      auto s = X::load(st + j * cols + v);
+      mx = s > mx ? s : mx;
+    }
+    auto l = typename X::V{};
+    for (long j = 0; j < N; ++j) {
+      auto e = vexp(X::load(st + j * cols + v) - mx);
+      X::store(st + j * cols + v, e);
+      l += e;
+    }
+    auto il = X::splat(T(1)) / l;
+    X::store(inv_l + v, il);
+    if (normalise)
+      for (long j = 0; j < N; ++j) X::store(st + j * cols + v, X::load(st + j * cols + v) * il);
+  }
+}
+
+struct Heads {
+  long B, N, H, width, out_width;
+  std::vector<long> qk, v, in_off, out_off;
+  std::vector<double> scale;
+  long max_qk = 0, max_v = 0;
+};
+
+Heads make_heads(long B, long N, const std::vector<int64_t>& qk, const std::vector<int64_t>& v,
+                 const std::vector<double>& scales) {
+  NVIT_CHECK(B >= 1 && N >= 1, "uneven_attention: B and N must be >= 1");
+  NVIT_CHECK(!qk.empty() && qk.size() == v.size() && qk.size() == scales.size(),
+             "uneven_attention: qk_dims, v_dims and scales need one entry per head");
+  Heads hd;
+  hd.B = B;
+  hd.N = N;
+  hd.H = static_cast<long>(qk.size());
+  long a = 0, o = 0;
+  for (long h = 0; h < hd.H; ++h) {
+    NVIT_CHECK(qk[h] >= 1 && v[h] >= 1, "uneven_attention: head dims must be >= 1");
+    hd.qk.push_back(qk[h]);
+    hd.v.push_back(v[h]);
+    hd.in_off.push_back(a);
+    hd.out_off.push_back(o);
+    hd.scale.push_back(scales[h]);
+    a += 2 * qk[h] + v[h];
+    o += v[h];
+    hd.max_qk = std::max<long>(hd.max_qk, qk[h]);
+    hd.max_v = std::max<long>(hd.max_v, v[h]);
+  }
+  hd.width = a;
+  hd.out_width = o;
+  return hd;
+}
+
+// Heads in decreasing cost, so dynamic scheduling ends with the small tasks (load balance).
+std::vector<long> heads_by_cost(const Heads& hd) {
+  std::vector<long> order(hd.H);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](long x, long y) { return hd.qk[x] + hd.v[x] > hd.qk[y] + hd.v[y]; });
+  return order;
+}
+
+// Query tiles: 2W queries, the last one rounded up to W lanes only.
+std::vector<std::pair<long, long>> query_tiles(long N, long W) {
+  std::vector<std::pair<long, long>> t;  // (first query, lanes)
+  for (long i0 = 0; i0 < N; i0 += 2 * W) t.emplace_back(i0, std::min(2 * W, round_up(N - i0, W)));
+  return t;
+}
+
+// Pack K (rows j, cols d) and V of head h, batch b as compute-type rows. fp32/fp64 inputs are read in
+// place instead (see `direct`).
+template <typename S, typename T>
+void pack_rows(const S* src, long N, long stride, long cols, T* dst) {
+  for (long j = 0; j < N; ++j)
+    for (long d = 0; d < cols; ++d) dst[j * cols + d] = to_c<T>(src[j * stride + d]);
+}
+
+template <typename S, typename T>
+void forward_impl(const S* qkv, S* out, const Heads& hd, int nthreads) {
+  constexpr int W = Simd<T>::W;
+  constexpr bool direct = std::is_same<S, T>::value;
+  const long N = hd.N;
+  const auto tiles = query_tiles(N, W);
+  struct Task { long b, h, tile; };
+  std::vector<Task> tasks;
+  for (long h : heads_by_cost(hd))
+    for (long b = 0; b < hd.B; ++b)
+      for (long t = 0; t < static_cast<long>(tiles.size()); ++t) tasks.push_back({b, h, t});
+  const long ntask = static_cast<long>(tasks.size());
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    Buf<T> qt, st, ot, kp, vp, inv_l;
+    qt.need(hd.max_qk * 2 * W);
+    st.need(N * 2 * W);
+    ot.need(hd.max_v * 2 * W);
+    inv_l.need(2 * W);
+    if (!direct) {
+      kp.need(N * hd.max_qk);
+      vp.need(N * hd.max_v);
+    }
+    long packed_b = -1, packed_h = -1;
+#pragma omp for schedule(dynamic, 1)
+    for (long ti = 0; ti < ntask; ++ti) {
+      const Task tk = tasks[ti];
+      const long dq = hd.qk[tk.h], dv = hd.v[tk.h];
+      const long i0 = tiles[tk.tile].first, lanes = tiles[tk.tile].second, valid = std::min(lanes, N - i0);
+      const S* base = qkv + tk.b * N * hd.width + hd.in_off[tk.h];
+      const T scale = static_cast<T>(hd.scale[tk.h]);
+      // K and V as compute-type rows: in place for fp32/fp64, else converted once per (b, h) per thread.
+      const T *k, *v;
+      long ldk, ldv;
+      if constexpr (direct) {
+        k = base + dq;
+        v = base + 2 * dq;
+        ldk = ldv = hd.width;
+      } else {
+        if (packed_b != tk.b || packed_h != tk.h) {
+          pack_rows<S, T>(base + dq, N, hd.width, dq, kp.p);
+          pack_rows<S, T>(base + 2 * dq, N, hd.width, dv, vp.p);
+          packed_b = tk.b;
+          packed_h = tk.h;
+        }
+        k = kp.p;
+        v = vp.p;
+        ldk = dq;
+        ldv = dv;
+      }
+      // Q^T (scaled), zero lanes past the last query.
+      for (long d = 0; d < dq; ++d) {
+        T* row = qt.p + d * lanes;
+        for (long i = 0; i < valid; ++i) row[i] = scale * to_c<T>(base[(i0 + i) * hd.width + d]);
+        for (long i = valid; i < lanes; ++i) row[i] = T(0);
+      }
+      gemm<T>(N, lanes, dq, k, ldk, 1, qt.p, lanes, st.p, lanes, false);           // S^T = K Q^T
+      column_softmax<T>(st.p, N, lanes, inv_l.p, false);                            // unnormalised P^T
+      gemm<T>(dv, lanes, N, v, 1, ldv, st.p, lanes, ot.p, lanes, false);           // O^T = V^T P^T
+      S* o = out + (tk.b * N + i0) * hd.out_width + hd.out_off[tk.h];
+      for (long i = 0; i < valid; ++i)
+        for (long c = 0; c < dv; ++c) o[i * hd.out_width + c] = from_c<S>(ot.p[c * lanes + i] * inv_l.p[i]);
+    }
+  }
+}
+
+template <typename S, typename T>
+void backward_impl(const S* gout, const S* qkv, const S* out, S* gqkv, const Heads& hd, int nthreads) {
+  constexpr int W = Simd<T>::W;
+  constexpr bool direct = std::is_same<S, T>::value;
+  const long N = hd.N;
+  const auto tiles = query_tiles(N, W);
+  struct Task { long b, h; };
+  std::vector<Task> tasks;
+  for (long h : heads_by_cost(hd))
+    for (long b = 0; b < hd.B; ++b) tasks.push_back({b, h});
+  const long ntask = static_cast<long>(tasks.size());
+  const long qk_pad = round_up(hd.max_qk, W), v_pad = round_up(hd.max_v, W);
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    Buf<T> qt, qr, dot_, dor, st, dpt, dqt, dk, dv_acc, kp, vp, inv_l, dsum;
+    qt.need(hd.max_qk * 2 * W);
+    qr.need(2 * W * qk_pad);
+    dot_.need(hd.max_v * 2 * W);
+    dor.need(2 * W * v_pad);
+    st.need(N * 2 * W);
+    dpt.need(N * 2 * W);
+    dqt.need(hd.max_qk * 2 * W);
+    dk.need(N * qk_pad);
+    dv_acc.need(N * v_pad);
+    inv_l.need(2 * W);
+    dsum.need(2 * W);
+    if (!direct) {
+      kp.need(N * hd.max_qk);
+      vp.need(N * hd.max_v);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (long ti = 0; ti < ntask; ++ti) {
+      const Task tk = tasks[ti];
+      const long dq = hd.qk[tk.h], dv = hd.v[tk.h];
+      const long dqp = round_up(dq, W), dvp = round_up(dv, W);
+      const S* base = qkv + tk.b * N * hd.width + hd.in_off[tk.h];
+      const S* gobase = gout + tk.b * N * hd.out_width + hd.out_off[tk.h];
+      const S* obase = out + tk.b * N * hd.out_width + hd.out_off[tk.h];
+      S* gbase = gqkv + tk.b * N * hd.width + hd.in_off[tk.h];
+      const T scale = static_cast<T>(hd.scale[tk.h]);
+      const T *k, *v;
+      long ldk, ldv;
+      if constexpr (direct) {
+        k = base + dq;
+        v = base + 2 * dq;
+        ldk = ldv = hd.width;
+      } else {
+        pack_rows<S, T>(base + dq, N, hd.width, dq, kp.p);
+        pack_rows<S, T>(base + 2 * dq, N, hd.width, dv, vp.p);
+        k = kp.p;
+        v = vp.p;
+        ldk = dq;
+        ldv = dv;
+      }
+      std::fill(dk.p, dk.p + N * dqp, T(0));
+      std::fill(dv_acc.p, dv_acc.p + N * dvp, T(0));
+      for (const auto& tile : tiles) {
+        const long i0 = tile.first, lanes = tile.second, valid = std::min(lanes, N - i0);
+        // Q^T (scaled, for S) and Q rows (unscaled, padded, for dK); dO^T and dO rows; D = rowsum(dO*O).
+        // Lanes past the last query are zero in dO, which zeroes their dP, D, G and dV share.
+        for (long i = 0; i < lanes; ++i) {
+          const bool ok = i < valid;
+          T dsum_i = 0;
+          for (long d = 0; d < dqp; ++d) {
+            T x = (ok && d < dq) ? to_c<T>(base[(i0 + i) * hd.width + d]) : T(0);
+            qr.p[i * dqp + d] = x;
+            if (d < dq) qt.p[d * lanes + i] = scale * x;
+          }
+          for (long c = 0; c < dvp; ++c) {
+            T g = (ok && c < dv) ? to_c<T>(gobase[(i0 + i) * hd.out_width + c]) : T(0);
+            dor.p[i * dvp + c] = g;
+            if (c < dv) {
+              dot_.p[c * lanes + i] = g;
+              if (ok) dsum_i += g * to_c<T>(obase[(i0 + i) * hd.out_width + c]);
+            }
+          }
+          dsum.p[i] = dsum_i;
+        }
+        gemm<T>(N, lanes, dq, k, ldk, 1, qt.p, lanes, st.p, lanes, false);          // S^T
+        column_softmax<T>(st.p, N, lanes, inv_l.p, true);                          // P^T
+        gemm<T>(N, lanes, dv, v, ldv, 1, dot_.p, lanes, dpt.p, lanes, false);      // dP^T = V dO^T
+        gemm<T>(N, dvp, lanes, st.p, lanes, 1, dor.p, dvp, dv_acc.p, dvp, true);   // dV += P dO
+        using X = Simd<T>;
+        for (long j = 0; j < N; ++j)                                               // G = s P (dP - D)
+          for (long c = 0; c < lanes; c += W) {
+            auto p = X::load(st.p + j * lanes + c);
+            X::store(dpt.p + j * lanes + c, scale * p * (X::load(dpt.p + j * lanes + c) - X::load(dsum.p + c)));
+          }
+        gemm<T>(dq, lanes, N, k, 1, ldk, dpt.p, lanes, dqt.p, lanes, false);       // dQ^T = K^T G^T
+        gemm<T>(N, dqp, lanes, dpt.p, lanes, 1, qr.p, dqp, dk.p, dqp, true);       // dK += G Q
+        for (long i = 0; i < valid; ++i)
+          for (long d = 0; d < dq; ++d) gbase[(i0 + i) * hd.width + d] = from_c<S>(dqt.p[d * lanes + i]);
+      }
+      for (long j = 0; j < N; ++j) {
+        for (long d = 0; d < dq; ++d) gbase[j * hd.width + dq + d] = from_c<S>(dk.p[j * dqp + d]);
+        for (long c = 0; c < dv; ++c) gbase[j * hd.width + 2 * dq + c] = from_c<S>(dv_acc.p[j * dvp + c]);
+      }
+    }
+  }
+}
+
+template <typename F>
+void by_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(static_cast<float*>(nullptr), static_cast<float*>(nullptr));
+    case kFloat16: return f(static_cast<F16*>(nullptr), static_cast<float*>(nullptr));
+    case kBFloat16: return f(static_cast<BF16*>(nullptr), static_cast<float*>(nullptr));
+    case kFloat64: return f(static_cast<double*>(nullptr), static_cast<double*>(nullptr));
+    default: fail(std::string("uneven_attention: unsupported dtype ") + dtype_name(dtype));
+  }
+}
+
+}  // namespace
+}  // namespace nvit
+
+void register_attention(py::module_& m) {
+  using namespace nvit;
+  m.def(
+      "uneven_attention_forward",
+      [](uintptr_t qkv, uintptr_t out, int64_t B, int64_t N, int dtype, std::vector<int64_t> qk,
+         std::vector<int64_t> v, std::vector<double> scales, int nthreads) {
+        Heads hd = make_heads(B, N, qk, v, scales);
+        py::gil_scoped_release nogil;
+        by_dtype(dtype, [&](auto* s_tag, auto* t_tag) {
+          using S = std::remove_pointer_t<decltype(s_tag)>;
+          using T = std::remove_pointer_t<decltype(t_tag)>;
+          forward_impl<S, T>(reinterpret_cast<const S*>(qkv), reinterpret_cast<S*>(out), hd, std::max(1, nthreads));
+        });
+      },
+      py::arg("qkv"), py::arg("out"), py::arg("B"), py::arg("N"), py::arg("dtype"), py::arg("qk_dims"),
+      py::arg("v_dims"), py::arg("scales"), py::arg("nthreads"),
+      "out[B,N,sum v] = per-head softmax(scale q k^T) v of contiguous qkv[B,N,sum(2qk+v)] (data pointers)");
+  m.def(
+      "uneven_attention_backward",
+      [](uintptr_t gout, uintptr_t qkv, uintptr_t out, uintptr_t gqkv, int64_t B, int64_t N, int dtype,
+         std::vector<int64_t> qk, std::vector<int64_t> v, std::vector<double> scales, int nthreads) {
+        Heads hd = make_heads(B, N, qk, v, scales);
+        py::gil_scoped_release nogil;
+        by_dtype(dtype, [&](auto* s_tag, auto* t_tag) {
+          using S = std::remove_pointer_t<decltype(s_tag)>;
+          using T = std::remove_pointer_t<decltype(t_tag)>;
+          backward_impl<S, T>(reinterpret_cast<const S*>(gout), reinterpret_cast<const S*>(qkv),
+                              reinterpret_cast<const S*>(out), reinterpret_cast<S*>(gqkv), hd, std::max(1, nthreads));
+        });
+      },
+      py::arg("grad_out"), py::arg("qkv"), py::arg("out"), py::arg("grad_qkv"), py::arg("B"), py::arg("N"),
+      py::arg("dtype"), py::arg("qk_dims"), py::arg("v_dims"), py::arg("scales"), py::arg("nthreads"),
+      "grad_qkv (every element written) from grad_out, qkv and the forward's out (data pointers)");
+}

@@ -116,6 +116,8 @@ def _reference_backward(grad_out: Tensor, qkv: Tensor, qk_dims, v_dims, scales) 
 # --------------------------------------------------------------------------------------------------
 def _forward_impl(qkv: Tensor, qk_dims, v_dims, scales) -> Tensor:
     backend = dispatch.select(OP, qkv.device)
+    if qkv.numel() == 0:  # B == 0 or N == 0: nothing to launch
+        return qkv.new_zeros((qkv.shape[0], qkv.shape[1], sum(v_dims)))
     if backend == "reference":
         return _reference_forward(qkv, qk_dims, v_dims, scales)
     if backend == "cpp":
@@ -130,6 +132,9 @@ def _forward_impl(qkv: Tensor, qk_dims, v_dims, scales) -> Tensor:
 
 def _backward_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, qk_dims, v_dims, scales) -> Tensor:
     backend = dispatch.select(OP, qkv.device)
+    if qkv.numel() == 0:
+        return torch.zeros_like(qkv)
+    qkv = qkv.contiguous()
     if backend == "cpp":
         return _cpp_backward(grad_out, qkv, out, qk_dims, v_dims, scales)
     if backend == "triton":
@@ -155,14 +160,23 @@ def _cpp_forward(qkv, qk_dims, v_dims, scales):
     if not _cpp_has_attention():  # an extension built before the attention kernels existed
         dispatch._warn_once(OP, "cpp", "the built extension has no attention kernels; rebuild it", "reference")
         return _reference_forward(qkv, qk_dims, v_dims, scales)
-    raise NotImplementedError
+    out = qkv.new_empty((qkv.shape[0], qkv.shape[1], sum(v_dims)))
+    _native._C.uneven_attention_forward(qkv.data_ptr(), out.data_ptr(), qkv.shape[0], qkv.shape[1],
+                                        _native.dtype_code(qkv), qk_dims, v_dims, scales, torch.get_num_threads())
+    return out
 
 
 def _cpp_backward(grad_out, qkv, out, qk_dims, v_dims, scales):
     if not _cpp_has_attention():
         dispatch._warn_once(OP, "cpp", "the built extension has no attention kernels; rebuild it", "reference")
         return _reference_backward(grad_out, qkv, qk_dims, v_dims, scales)
-    raise NotImplementedError
+    grad_out = grad_out.to(qkv.dtype).contiguous()
+    out = out.contiguous()
+    grad_qkv = torch.empty_like(qkv)
+    _native._C.uneven_attention_backward(grad_out.data_ptr(), qkv.data_ptr(), out.data_ptr(), grad_qkv.data_ptr(),
+                                         qkv.shape[0], qkv.shape[1], _native.dtype_code(qkv), qk_dims, v_dims,
+                                         scales, torch.get_num_threads())
+    return grad_qkv
 
 
 def _cuda_forward(qkv, qk_dims, v_dims, scales):
