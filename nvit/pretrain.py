@@ -1,0 +1,226 @@
+"""Pretrains the embedded model (nvit.tiny_model.EMBEDDED_MODEL) from scratch on the embedded Fashion-MNIST subset.
+
+    python -m nvit.pretrain --out nvit/data/fashion_vit.safetensors [--epochs E --lr LR --batch-size B --seed S]
+
+Recipe (DeiT-like, scaled down): AdamW, linear warmup then cosine decay per step, label smoothing, random crop
+(zero-padding 2) + horizontal flip done on tensors. Writes the weights as fp16 safetensors (metadata: epochs, seed,
+test top-1, versions) and <out>.json (model config, recipe, accuracy), both atomically. The recorded test top-1 is
+that of the shipped fp16 weights cast back to fp32, i.e. what `create_embedded_model()` gives.
+
+Reproducible: the model init, the loader order and the augmentation draw from generators seeded by --seed, and
+deterministic algorithms are enforced; CPU float reductions depend on the thread count, so identical weights need
+the same machine, library versions and --threads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nvit.datasets import EMBEDDED_MEAN, EMBEDDED_PATH, EMBEDDED_STD, load_embedded, make_loader
+from nvit.tiny_model import EMBEDDED_MODEL, build_model, load_weights
+
+
+def augment(x: torch.Tensor, pad: int, gen: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """Per-sample random crop after padding `pad` pixels of background, and random horizontal flip. x: [B, C, H, W]."""
+    B, C, H, W = x.shape
+    if pad > 0:
+        background = (0.0 - EMBEDDED_MEAN) / EMBEDDED_STD  # a black pixel, normalised
+        xp = F.pad(x, (pad, pad, pad, pad), value=background)
+        dy = torch.randint(0, 2 * pad + 1, (B,), generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (B,), generator=gen)
+        rows = (dy[:, None] + torch.arange(H))[:, None, :, None]  # [B, 1, H, 1]
+        cols = (dx[:, None] + torch.arange(W))[:, None, None, :]  # [B, 1, 1, W]
+        x = xp[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
+    if flip:
+        m = torch.rand(B, generator=gen) < 0.5
+        x = torch.where(m[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, batch_size: int = 500, progress: bool = False) -> float:
+    """Top-1 accuracy in percent."""
+    model.eval()
+    correct = 0
+    loader = make_loader(dataset, batch_size, shuffle=False)
+    for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        correct += (model(x).argmax(-1) == y).sum().item()
+    return 100.0 * correct / len(dataset)
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m nvit.pretrain", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="output .safetensors (the .json goes beside it)")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    ap.add_argument("--min-lr-ratio", type=float, default=0.01, help="final lr as a fraction of the peak")
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--warmup-epochs", type=float, default=2.0)
+    ap.add_argument("--label-smoothing", type=float, default=0.1)
+    ap.add_argument("--pad", type=int, default=2, help="random-crop padding in pixels (0: no crop)")
+    ap.add_argument("--no-flip", action="store_true", help="disable the random horizontal flip")
+    ap.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate while training")
+    ap.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--limit-train", type=int, default=None, help="use the first N train images (tests)")
+    ap.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images (tests)")
+    ap.add_argument("--embed-dim", type=int, default=None, help="model override (tests)")
+    ap.add_argument("--depth", type=int, default=None, help="model override (tests)")
+    ap.add_argument("--num-heads", type=int, default=None, help="model override (tests)")
+    ap.add_argument("--mlp-ratio", type=float, default=None, help="model override (tests)")
+    ap.add_argument("--data", type=Path, default=EMBEDDED_PATH, help="embedded-format .npz dataset")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    args = ap.parse_args(argv)
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+        ap.error("--epochs and --batch-size must be >= 1 and --lr > 0")
+    if args.out.suffix != ".safetensors":
+        ap.error(f"--out must end in .safetensors, got {args.out}")
+    return args
+
+
+def main(argv=None) -> dict:
+    """Runs the command; returns the json record. Restores torch's global RNG, thread count and determinism flag
+    afterwards, so it can be called from Python (tests) without side effects."""
+    args = parse_args(argv)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if args.threads is not None:
+                torch.set_num_threads(args.threads)
+            torch.use_deterministic_algorithms(True)
+            torch.manual_seed(args.seed)
+            return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _run(args: argparse.Namespace, argv) -> dict:
+
+    overrides = {k: v for k, v in (("embed_dim", args.embed_dim), ("depth", args.depth),
+                                   ("num_heads", args.num_heads), ("mlp_ratio", args.mlp_ratio)) if v is not None}
+    config = {**EMBEDDED_MODEL, **overrides}
+    model = build_model(**overrides, drop_path_rate=args.drop_path)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    train_ds = load_embedded("train", path=args.data, limit=args.limit_train)
+    test_ds = load_embedded("test", path=args.data, limit=args.limit_test)
+    loader = make_loader(train_ds, args.batch_size, shuffle=True, seed=args.seed, drop_last=len(train_ds) > args.batch_size)
+    aug_gen = torch.Generator().manual_seed(args.seed + 1)
+
+    # No weight decay on biases, norms, position embedding and class token (DeiT / timm convention).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    total = args.epochs * len(loader)
+    warmup = min(total, max(1, round(args.warmup_epochs * len(loader))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, args.min_lr_ratio))
+
+    print(f"nvit.pretrain: {n_params / 1e6:.3f} M params, {len(train_ds)} train / {len(test_ds)} test images, "
+          f"{args.epochs} epochs x {len(loader)} steps, threads {torch.get_num_threads()}", flush=True)
+    t0 = time.time()
+    history = []
+    for epoch in range(args.epochs):
+        model.train()
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.no_progress)
+        for x, y in bar:
+            x = augment(x, args.pad, aug_gen, flip=not args.no_flip)
+            loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(y)
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        history.append({"epoch": epoch + 1, "train_loss": round(loss_sum / seen, 5),
+                        "elapsed_s": round(time.time() - t0, 1)})
+        print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss_sum / seen:.4f} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+    train_time = time.time() - t0
+
+    top1_fp32 = evaluate(model, test_ds, progress=not args.no_progress)
+    # Ship fp16 (half the size); record the accuracy of exactly what loading gives back (fp16 -> fp32).
+    state16 = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    shipped = build_model(**overrides)
+    shipped.load_state_dict({k: v.float() for k, v in state16.items()})
+    top1 = evaluate(shipped, test_ds, progress=not args.no_progress)
+
+    import safetensors
+    import timm
+    from safetensors.torch import save_file
+
+    recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "no_progress"}
+    recipe["data"] = os.path.relpath(args.data, Path.cwd()) if args.data.is_absolute() else str(args.data)
+    meta = {"format": "nvit-embedded-vit", "epochs": str(args.epochs), "seed": str(args.seed),
+            "test_top1": f"{top1:.2f}", "n_test": str(len(test_ds)), "timm_version": timm.__version__,
+            "torch_version": torch.__version__, "dtype": "float16", "model_config": json.dumps(config)}
+    info = {
+        "model": "timm.models.vision_transformer.VisionTransformer",
+        "config": config,
+        "params": n_params,
+        "recipe": {**recipe, "optimizer": "AdamW", "schedule": "linear warmup + cosine (per step)",
+                   "augmentation": f"random crop (pad {args.pad}) + hflip={not args.no_flip}"},
+        "data": {"file": "fashion_mnist_subset.npz", "n_train": len(train_ds), "n_test": len(test_ds),
+                 "mean": EMBEDDED_MEAN, "std": EMBEDDED_STD},
+        "test_top1": round(top1, 2),
+        "test_top1_fp32": round(top1_fp32, 2),
+        "train_time_s": round(train_time, 1),
+        "history": history,
+        "weights_dtype": "float16",
+        "versions": {"timm": timm.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
+                     "python": platform.python_version()},
+        "threads": torch.get_num_threads(),
+        "command": "python -m nvit.pretrain " + " ".join(map(str, sys.argv[1:] if argv is None else argv)),
+    }
+    out = args.out
+    _atomic_write(out, lambda tmp: save_file(state16, tmp, metadata=meta))
+    _atomic_write(out.with_suffix(".json"),
+                  lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
+    print(f"test top-1 {top1:.2f}% (fp32 before rounding {top1_fp32:.2f}%), trained in {train_time:.0f} s; "
+          f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {out.with_suffix('.json')}", flush=True)
+    return info
+
+
+if __name__ == "__main__":
+    main()
