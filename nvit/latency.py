@@ -1,0 +1,378 @@
+"""Measured block-latency lookup table for latency-aware pruning (NViT's Lat(W)).
+
+One NViT block's forward latency is measured on a 5-D grid — embedding width, heads, per-head QK
+dim, per-head V dim, MLP width — for a fixed token count, batch size, dtype and device; between grid
+points it is interpolated multilinearly. A model's latency is the sum of its blocks' latencies: the
+stem (patch embedding, tokens) and the head (final norm, classifier) are ignored, as in the paper
+(pruning does not change them except through the embedding width, and they are small).
+
+Tables are cached on disk as JSON (``~/.cache/nvit/latency``, or ``$NVIT_CACHE_DIR/latency``, or the
+``cache_dir`` argument), one file per measurement setting: device name, torch version, dtype, batch
+size, tokens, grid, CPU thread count and the attention backend in use. A hit loads instead of
+measuring; an unreadable or mismatched file is reported with a warning and re-measured.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .model import BlockConfig, NViTBlock, NViTConfig
+
+__all__ = ["AXES", "LatencyGrid", "LatencyTable", "default_grid", "default_cache_dir", "device_name"]
+
+AXES = ("embed", "heads", "qk", "v", "mlp")
+FORMAT_VERSION = 1  # bump when what is measured changes (invalidates every cached table)
+
+
+# --------------------------------------------------------------------------------------------------
+# Grid
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class LatencyGrid:
+    """Grid values per axis (sorted, unique integers ≥ 1). qk and v are per-head dims."""
+
+    embed: list[int]
+    heads: list[int]
+    qk: list[int]
+    v: list[int]
+    mlp: list[int]
+
+    def __post_init__(self):
+        for name in AXES:
+            vals = list(getattr(self, name))
+            if not vals:
+                raise ValueError(f"nvit: LatencyGrid.{name} is empty; every axis needs at least one value")
+            for x in vals:
+                if isinstance(x, bool) or int(x) != x or x < 1:
+                    raise ValueError(f"nvit: LatencyGrid.{name} has {x!r}; grid values must be integers ≥ 1")
+            setattr(self, name, sorted({int(x) for x in vals}))
+
+    @property
+    def axes(self) -> tuple[list[int], ...]:
+        return tuple(getattr(self, name) for name in AXES)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(a) for a in self.axes)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def points(self) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(index, (embed, heads, qk, v, mlp)) for every grid point, in C order."""
+        for idx in np.ndindex(*self.shape):
+            yield idx, tuple(a[i] for a, i in zip(self.axes, idx))
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {name: list(getattr(self, name)) for name in AXES}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Sequence[int]]) -> "LatencyGrid":
+        if set(d) != set(AXES):
+            raise ValueError(f"nvit: a latency grid needs exactly the axes {AXES}, got {sorted(d)}")
+        return cls(**{k: list(v) for k, v in d.items()})
+
+    @classmethod
+    def for_model(cls, config: NViTConfig, points: int | Mapping[str, int] = 3) -> "LatencyGrid":
+        """default_grid from the widest block of `config` (its dense dims, before pruning)."""
+        b = config.blocks
+        return default_grid(config.embed_dim, max(x.heads for x in b),
+                            max(max(x.qk_dims + x.v_dims) for x in b), max(x.mlp for x in b), points)
+
+
+def _spread(dense: int, n: int, lowest_one: bool) -> list[int]:
+    if n < 1:
+        raise ValueError(f"nvit: a grid axis needs ≥1 point, got {n}")
+    if lowest_one:  # 1 plus n-1 even steps up to dense: heads 12, n=5 -> 1, 3, 6, 9, 12 (the paper's grid)
+        vals = [1] + [round(dense * k / (n - 1)) for k in range(1, n)] if n > 1 else [dense]
+    else:  # n even steps up to dense: embed 768, n=3 -> 256, 512, 768 (the paper's grid)
+        vals = [round(dense * k / n) for k in range(1, n + 1)]
+    return sorted({max(1, v) for v in vals})
+
+
+def default_grid(embed_dim: int, heads: int, head_dim: int, mlp: int,
+                 points: int | Mapping[str, int] = 3) -> LatencyGrid:
+    """A small grid around a dense model: `points` values per axis (an int, or a dict per axis name).
+
+    Heads, QK, V and MLP span 1 .. dense in even steps (1, D/(n-1), ..., D): pruning can take them
+    to 1. The embedding spans D/n .. D in n even steps (a block with embedding 1 is meaningless and
+    the paper's grid starts at D/3); below D/n the table extrapolates linearly. With points=5 for
+    heads/QK/V and 3 for the embedding this is the paper's DeiT-B grid.
+    """
+    pts = {name: points for name in AXES} if isinstance(points, int) else {name: 3 for name in AXES}
+    if not isinstance(points, int):
+        unknown = set(points) - set(AXES)
+        if unknown:
+            raise ValueError(f"nvit: unknown grid axes {sorted(unknown)}; axes are {AXES}")
+        pts.update(points)
+    return LatencyGrid(embed=_spread(embed_dim, pts["embed"], False), heads=_spread(heads, pts["heads"], True),
+                       qk=_spread(head_dim, pts["qk"], True), v=_spread(head_dim, pts["v"], True),
+                       mlp=_spread(mlp, pts["mlp"], True))
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurement settings and cache
+# --------------------------------------------------------------------------------------------------
+def device_name(device: torch.device | str) -> str:
+    """The GPU's name, or the CPU's model string (what the latency depends on)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.lower().startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine() or "cpu"
+    return device.type
+
+
+def default_cache_dir() -> Path:
+    """$NVIT_CACHE_DIR/latency if NVIT_CACHE_DIR is set (the root of nvit's caches), else ~/.cache/nvit/latency."""
+    root = os.environ.get("NVIT_CACHE_DIR")
+    return Path(root) / "latency" if root else Path.home() / ".cache" / "nvit" / "latency"
+
+
+def _attention_backend(device: torch.device) -> str:
+    from nvit_kernels import dispatch
+    with warnings.catch_warnings():  # a fallback warning belongs to the measurement, not to key building
+        warnings.simplefilter("ignore")
+        return dispatch.select("attention", device)
+
+
+def cache_key(grid: LatencyGrid, *, tokens: int, batch_size: int, dtype: torch.dtype,
+              device: torch.device | str, extra: Mapping[str, Any] | None = None) -> dict:
+    """Everything a measured table depends on; its hash names the cache file."""
+    device = torch.device(device)
+    key = {"format": FORMAT_VERSION, "device_type": device.type, "device": device_name(device),
+           "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "batch_size": int(batch_size),
+           "tokens": int(tokens), "grid": grid.to_dict(), "threads": torch.get_num_threads(),
+           "attention_backend": _attention_backend(device)}
+    if extra:
+        key["extra"] = dict(extra)
+    return key
+
+
+def _key_hash(key: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    """Write to a temp file in the same folder, then os.replace: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _time_block(block: torch.nn.Module, x: torch.Tensor, *, warmup: int, repeats: int,
+                statistic: str = "median") -> float:
+    """Median (or min) wall time (s) of one forward; synchronises the GPU around each timed call."""
+    sync = (lambda: torch.cuda.synchronize(x.device)) if x.device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        block(x)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        block(x)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times) if statistic == "min" else statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------------------
+@dataclass(eq=False)  # values is an array: compare tables by .grid and np.array_equal(.values)
+class LatencyTable:
+    """Block latency (seconds) at every point of `grid`; `values` has shape grid.shape."""
+
+    grid: LatencyGrid
+    values: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.values = np.asarray(self.values, dtype=np.float64)
+        if self.values.shape != self.grid.shape:
+            raise ValueError(f"nvit: latency values have shape {self.values.shape}, the grid needs {self.grid.shape}")
+        if not np.all(np.isfinite(self.values)) or np.any(self.values < 0):
+            raise ValueError("nvit: latency values must be finite and ≥ 0")
+
+    # -- measuring ---------------------------------------------------------------------------------
+    @classmethod
+    def measure(cls, grid: LatencyGrid, *, tokens: int, batch_size: int, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu", warmup: int | None = None, repeats: int | None = None,
+                cache_dir: str | os.PathLike | None = None, use_cache: bool = True, refresh: bool = False,
+                extra_key: Mapping[str, Any] | None = None, statistic: str = "median",
+                progress: bool = True) -> "LatencyTable":
+        """Time one NViT block's forward at every grid point (median of `repeats` after `warmup` calls).
+
+        Blocks have `heads` equal heads of `qk`/`v` dims, scale qk^-0.5, run in eval mode under
+        inference_mode on a random [batch_size, tokens, embed] input. Defaults: warmup 1 / repeats 3
+        on CPU (the default grid of a 128-wide model then takes about a minute on 2 idle cores),
+        3 / 10 on GPU. `statistic="min"` takes the fastest repeat instead of the median (more robust
+        on a CPU shared with other jobs; it is part of the cache key). Points are measured in a shuffled (seeded) order so that drift in the machine's
+        load shows up as noise rather than as a slope along one axis.
+
+        With `use_cache` a table measured under the same settings (see :func:`cache_key`; `extra_key`
+        adds your own, e.g. a kernel build id) is loaded from `cache_dir` (default
+        :func:`default_cache_dir`) instead; `refresh` re-measures and overwrites it.
+        """
+        device = torch.device(device)
+        warmup = (3 if device.type == "cuda" else 1) if warmup is None else warmup
+        repeats = (10 if device.type == "cuda" else 3) if repeats is None else repeats
+        if statistic not in ("median", "min"):
+            raise ValueError(f"nvit: statistic must be 'median' or 'min', got {statistic!r}")
+        if tokens < 1 or batch_size < 1 or warmup < 0 or repeats < 1:
+            raise ValueError(f"nvit: need tokens ≥ 1, batch_size ≥ 1, warmup ≥ 0, repeats ≥ 1; got "
+                             f"{tokens}, {batch_size}, {warmup}, {repeats}")
+        key = cache_key(grid, tokens=tokens, batch_size=batch_size, dtype=dtype, device=device, extra=extra_key)
+        if statistic != "median":  # (the median's key stays as it was)
+            key["statistic"] = statistic
+        path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        path = path / f"latency-{_key_hash(key)}.json"
+        if use_cache and not refresh and path.exists():
+            table = cls._load_cached(path, key)
+            if table is not None:
+                return table
+
+        from tqdm.auto import tqdm
+        values = np.zeros(grid.shape)
+        t_start = time.perf_counter()
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        inputs: dict[int, torch.Tensor] = {}
+        with torch.inference_mode(), tqdm(total=grid.size, desc="nvit latency table", disable=not progress) as bar:
+            points = list(grid.points())
+            np.random.default_rng(0).shuffle(points)
+            for idx, (embed, heads, qk, v, mlp) in points:
+                cfg = BlockConfig(qk_dims=[qk] * heads, v_dims=[v] * heads, mlp=mlp, scales=[qk ** -0.5] * heads)
+                block = NViTBlock(embed, cfg).to(device=device, dtype=dtype).eval()
+                if embed not in inputs:
+                    inputs[embed] = torch.randn(batch_size, tokens, embed, generator=gen).to(device=device, dtype=dtype)
+                values[idx] = _time_block(block, inputs[embed], warmup=warmup, repeats=repeats, statistic=statistic)
+                del block
+                bar.update(1)
+        meta = dict(key, warmup=warmup, repeats=repeats, measure_seconds=round(time.perf_counter() - t_start, 3),
+                    measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        table = cls(grid=grid, values=values, meta=meta)
+        if use_cache:
+            _atomic_write_json(path, {"key": key, "table": table.to_dict()})
+        return table
+
+    @classmethod
+    def _load_cached(cls, path: Path, key: dict) -> "LatencyTable | None":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            if d.get("key") != key:
+                raise ValueError("its settings do not match this measurement")
+            return cls.from_dict(d["table"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            warnings.warn(f"nvit: latency cache {path} is unusable ({type(e).__name__}: {e}); re-measuring",
+                          RuntimeWarning, stacklevel=3)
+            return None
+
+    # -- lookup ------------------------------------------------------------------------------------
+    def block_latency(self, embed: float, heads: float, qk: float, v: float, mlp: float) -> float:
+        """Latency (s) of one block by multilinear interpolation over the 5-D grid.
+
+        Exact at grid points. Outside the grid each axis extrapolates linearly from its nearest
+        segment (not clamped: pruning below the smallest grid point must still lower the latency);
+        the result is floored at 0. Arguments may be non-integers (mean per-head dims of uneven heads).
+        Along an axis the result is monotone wherever the measurements are.
+        """
+        idxs, weights = [], []
+        for g, x in zip(self.grid.axes, (embed, heads, qk, v, mlp)):
+            x = float(x)
+            if len(g) == 1:  # a single value: the latency is taken as constant along this axis
+                idxs.append([0])
+                weights.append(np.ones(1))
+                continue
+            i = min(max(bisect.bisect_right(g, x) - 1, 0), len(g) - 2)
+            t = (x - g[i]) / (g[i + 1] - g[i])
+            idxs.append([i, i + 1])
+            weights.append(np.array([1.0 - t, t]))
+        sub = self.values[np.ix_(*idxs)]
+        for w in weights:  # contract one axis at a time (the leading one)
+            sub = np.tensordot(w, sub, axes=(0, 0))
+        return max(0.0, float(sub))
+
+    def block_config_latency(self, embed: int, block_cfg: BlockConfig) -> float:
+        """Latency of a block with `block_cfg`: heads = its head count, qk / v = its mean per-head dims."""
+        return self.block_latency(embed, block_cfg.heads, float(np.mean(block_cfg.qk_dims)),
+                                  float(np.mean(block_cfg.v_dims)), block_cfg.mlp)
+
+    def model_latency(self, config: NViTConfig) -> float:
+        """Sum of the blocks' latencies (stem and head ignored, as in the paper).
+
+        The result is for the table's batch size and token count (meta["batch_size"], meta["tokens"]),
+        whatever config.num_tokens is: measure the table at the model's token count.
+        """
+        return float(sum(self.block_config_latency(config.embed_dim, b) for b in config.blocks))
+
+    def monotonized(self) -> "LatencyTable":
+        """A copy whose values never decrease along any axis (running max along each axis in turn).
+
+        Measurement noise can make a smaller block look slower than a bigger one; a pruning step that
+        then "costs" latency is wrong. The running max removes such dips (biased upward, by at most
+        the noise); it keeps the values where they are already monotone.
+        """
+        vals = self.values
+        for ax in range(vals.ndim):
+            vals = np.maximum.accumulate(vals, axis=ax)
+        return LatencyTable(grid=self.grid, values=vals, meta=dict(self.meta, monotonized=True))
+
+    # -- (de)serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": FORMAT_VERSION, "grid": self.grid.to_dict(), "values": self.values.tolist(),
+                "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LatencyTable":
+        if d.get("format") != FORMAT_VERSION:
+            raise ValueError(f"nvit: latency table format {d.get('format')!r}, expected {FORMAT_VERSION}")
+        return cls(grid=LatencyGrid.from_dict(d["grid"]), values=np.array(d["values"], dtype=np.float64),
+                   meta=dict(d.get("meta", {})))
+
+    def save(self, path: str | os.PathLike) -> None:
+        _atomic_write_json(Path(path), self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LatencyTable":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return (f"LatencyTable(grid={self.grid.shape}, device={m.get('device')!r}, dtype={m.get('dtype')}, "
+                f"batch={m.get('batch_size')}, tokens={m.get('tokens')}, "
+                f"range={self.values.min() * 1e3:.3f}..{self.values.max() * 1e3:.3f} ms)")
+
