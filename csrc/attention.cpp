@@ -29,6 +29,7 @@
 #include <numeric>
 #include <vector>
 
+#include "attention.h"
 #include "common.h"
 
 namespace py = pybind11;
@@ -470,4 +471,18 @@ void register_attention(py::module_& m) {
       py::arg("grad_out"), py::arg("qkv"), py::arg("out"), py::arg("grad_qkv"), py::arg("B"), py::arg("N"),
       py::arg("dtype"), py::arg("qk_dims"), py::arg("v_dims"), py::arg("scales"), py::arg("nthreads"),
       "grad_qkv (every element written) from grad_out, qkv and the forward's out (data pointers)");
+  m.attr("attention_cuda_max_dim") = kAttnCudaMaxDim;
+#ifdef NVIT_WITH_CUDA
+  m.def(
+      "uneven_attention_forward_cuda",
+      [](uintptr_t qkv, uintptr_t out, int64_t B, int64_t N, int dtype, std::vector<int64_t> qk,
+         std::vector<int64_t> v, std::vector<double> scales, long long stream) {
+        py::gil_scoped_release nogil;
+        uneven_attention_forward_cuda(reinterpret_cast<const void*>(qkv), reinterpret_cast<void*>(out), B, N, dtype,
+                                      qk, v, scales, stream);
+      },
+      py::arg("qkv"), py::arg("out"), py::arg("B"), py::arg("N"), py::arg("dtype"), py::arg("qk_dims"),
+      py::arg("v_dims"), py::arg("scales"), py::arg("stream"),
+      "CUDA forward (device pointers, stream handle); head dims <= attention_cuda_max_dim");
+#endif
 }

@@ -180,7 +180,20 @@ def _cpp_backward(grad_out, qkv, out, qk_dims, v_dims, scales):
 
 
 def _cuda_forward(qkv, qk_dims, v_dims, scales):
-    raise RuntimeError("nvit: uneven_attention: the CUDA backend is not built yet")
+    C = _native._C
+    if not hasattr(C, "uneven_attention_forward_cuda"):
+        raise RuntimeError("nvit: uneven_attention: the extension was built without the CUDA attention kernel; "
+                           "rebuild it or use the triton backend")
+    if max(max(qk_dims), max(v_dims)) > C.attention_cuda_max_dim:
+        raise ValueError(f"nvit: uneven_attention: the CUDA kernel takes head dims <= {C.attention_cuda_max_dim}, "
+                         f"got max {max(max(qk_dims), max(v_dims))}; use the triton backend")
+    if qkv.dtype == torch.float64:
+        raise TypeError("nvit: uneven_attention: the CUDA kernel takes float32/float16/bfloat16, not float64")
+    out = qkv.new_empty((qkv.shape[0], qkv.shape[1], sum(v_dims)))
+    C.uneven_attention_forward_cuda(qkv.data_ptr(), out.data_ptr(), qkv.shape[0], qkv.shape[1],
+                                    _native.dtype_code(qkv), qk_dims, v_dims, scales,
+                                    _native.stream_handle(qkv.device))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -120,3 +120,79 @@ def test_bad_input(bad, match):
     x = torch.randn(2, 3, 17)
     with pytest.raises((ValueError, TypeError), match=match):
         bad(x)
+
+
+def test_cpu_default_backend_is_cpp():
+    if not dispatch.can_run("cpp", CPU)[0]:
+        pytest.skip("extension not built: " + dispatch.can_run("cpp", CPU)[1])
+    assert dispatch.select("attention", CPU) == "cpp"
+
+
+def test_compiled_backward_matches_eager():
+    qk_dims, v_dims = [3, 6], [5, 2]
+    x = make_qkv(2, 11, qk_dims, v_dims, seed=5)
+    f = lambda t: uneven_attention(t, qk_dims, v_dims, [0.4, 0.8]).square().sum()  # noqa: E731
+    a = x.clone().requires_grad_()
+    f(a).backward()
+    b = x.clone().requires_grad_()
+    torch.compile(f, fullgraph=True, backend="aot_eager")(b).backward()
+    torch.testing.assert_close(b.grad, a.grad)
+
+
+# ---- CUDA (Triton default, and the CUDA kernels; the CUDA backend's backward is the Triton one) ------
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads", HEADS, ids=["small", "wide"])
+@pytest.mark.parametrize("bn", SHAPES, ids=lambda s: f"B{s[0]}N{s[1]}")
+def test_cuda_forward_matches_reference(backend, dtype, heads, bn):
+    if not dispatch.can_run(backend, torch.device("cuda"))[0]:
+        pytest.skip(dispatch.can_run(backend, torch.device("cuda"))[1])
+    qk_dims, v_dims = heads
+    b, n = bn
+    qkv = make_qkv(b, n, qk_dims, v_dims, dtype, device=torch.device("cuda"), spread=2.0)
+    scales = default_scales(qk_dims)
+    ref = uneven_attention_reference(qkv.cpu(), qk_dims, v_dims, scales)
+    with dispatch.use_backend(backend):
+        out = uneven_attention(qkv, qk_dims, v_dims, scales)
+    err = (out.cpu().double() - ref).abs().max().item()
+    base = (torch_same_precision(qkv, qk_dims, v_dims, scales).cpu().double() - ref).abs().max().item()
+    tol = max(2 * base, 4 * torch.finfo(dtype).eps)
+    assert err <= tol, f"{backend} {dtype}: max err {err:.3e} > tol {tol:.3e} (stock torch err {base:.3e})"
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_cuda_backward_matches_reference(backend, bucketed):
+    if not dispatch.can_run(backend, torch.device("cuda"))[0]:
+        pytest.skip(dispatch.can_run(backend, torch.device("cuda"))[1])
+    from nvit_kernels import triton_attention
+
+    qk_dims, v_dims = [64, 1, 17, 100], [3, 40, 64, 8]
+    scales = default_scales(qk_dims)
+    x = make_qkv(2, 197, qk_dims, v_dims, torch.float32, seed=6)
+    g = torch.randn(2, 197, sum(v_dims), generator=torch.Generator().manual_seed(7))
+    x64 = x.double().requires_grad_()
+    uneven_attention_reference(x64, qk_dims, v_dims, scales).backward(g.double())
+    xc = x.cuda().requires_grad_()
+    with dispatch.use_backend(backend):
+        out = uneven_attention(xc, qk_dims, v_dims, scales)
+        out.backward(g.cuda())
+    scale = max(1.0, x64.grad.abs().max().item())
+    assert (xc.grad.cpu().double() - x64.grad).abs().max().item() <= 2e-5 * scale
+    gb = triton_attention.backward(g.cuda(), xc.detach(), out.detach(), qk_dims, v_dims, scales, bucketed=bucketed)
+    assert (gb.cpu().double() - x64.grad).abs().max().item() <= 2e-5 * scale
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_opcheck():
+    qk_dims, v_dims = [3, 1, 5], [2, 4, 1]
+    x = make_qkv(2, 7, qk_dims, v_dims, torch.float32, device=torch.device("cuda"), seed=4).requires_grad_()
+    torch.library.opcheck(torch.ops.nvit.uneven_attention.default, (x, qk_dims, v_dims, [0.5, 1.0, 0.3]))
