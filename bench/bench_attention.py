@@ -1,0 +1,141 @@
+"""Uneven per-head attention vs what stock PyTorch offers for uneven heads.
+
+Compared, on NViT-like blocks and every available device:
+  ours     nvit uneven_attention (the backend dispatch picks: C++ on CPU, Triton on CUDA)
+  padded   pad every head to the block's max QK/V dims, one SDPA call, slice the heads back out
+           (``padded_sdpa_only`` in extra_info: the SDPA call alone, as if a padded Linear made the layout)
+  loop     one SDPA call per head
+  buckets  one SDPA call per distinct (qk, v) pair of dims
+The ratios are measured in one run with interleaved repetitions (min over rounds), so machine load
+hits all variants alike; they land in ``benchmark.extra_info``:
+  speedup_vs_padded        padded time / our time (>1: we are faster)
+  time_vs_flop_prop        our time / (padded time * our FLOPs / padded FLOPs) (<=1: at least as
+                           efficient per FLOP as the padded call)
+and the same two against ``padded_sdpa_only``. Run: pytest bench/bench_attention.py --benchmark-only
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nvit_kernels import dispatch
+from nvit_kernels.attention import uneven_attention
+
+# Per-head dims. DeiT-B block (12 x 64) pruned to about half the attention FLOPs with uneven heads
+# (QK pruned harder than V, as NViT finds); the small model: dim 128, 4 heads of 32, N = 50.
+CONFIGS = {
+    "deitb_half": ([64, 48, 40, 32, 32, 24, 24, 16, 16, 8, 8, 8],
+                   [64, 64, 56, 48, 48, 40, 40, 32, 32, 24, 24, 16], 197),
+    "deitb_dense": ([64] * 12, [64] * 12, 197),
+    "small_pruned": ([32, 24, 16, 8], [32, 32, 24, 16], 50),
+    "small_dense": ([32] * 4, [32] * 4, 50),
+}
+CASES = [("deitb_half", 1), ("deitb_half", 8), ("deitb_half", 64), ("deitb_dense", 8),
+         ("small_pruned", 1), ("small_pruned", 64), ("small_dense", 64)]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float16, torch.bfloat16]}
+
+
+def _split(qkv, qk, vd):
+    o, parts = 0, []
+    for a, c in zip(qk, vd):
+        parts.append((qkv[..., o:o + a], qkv[..., o + a:o + 2 * a], qkv[..., o + 2 * a:o + 2 * a + c]))
+        o += 2 * a + c
+    return parts
+
+
+def padded(qkv, qk, vd, scales):
+    B, N, _ = qkv.shape
+    H, mq, mv = len(qk), max(qk), max(vd)
+    q = qkv.new_zeros(B, N, H, mq)
+    k = qkv.new_zeros(B, N, H, mq)
+    v = qkv.new_zeros(B, N, H, mv)
+    for h, (qh, kh, vh) in enumerate(_split(qkv, qk, vd)):
+        # SDPA takes one scale: fold each head's own scale into its q.
+        q[:, :, h, :qk[h]] = qh * (scales[h] * math.sqrt(mq))
+        k[:, :, h, :qk[h]] = kh
+        v[:, :, h, :vd[h]] = vh
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = out.transpose(1, 2)
+    return torch.cat([out[:, :, h, :c] for h, c in enumerate(vd)], -1)
+
+
+def loop(qkv, qk, vd, scales):
+    return torch.cat([F.scaled_dot_product_attention(q, k, v, scale=s)
+                      for (q, k, v), s in zip(_split(qkv, qk, vd), scales)], -1)
+
+
+def buckets(qkv, qk, vd, scales):
+    groups: dict[tuple[int, int], list[int]] = {}
+    for h, key in enumerate(zip(qk, vd)):
+        groups.setdefault(key, []).append(h)
+    parts = _split(qkv, qk, vd)
+    outs = [None] * len(qk)
+    for (a, c), heads in groups.items():
+        q = torch.stack([parts[h][0] * scales[h] for h in heads], 1)
+        k = torch.stack([parts[h][1] for h in heads], 1)
+        v = torch.stack([parts[h][2] for h in heads], 1)
+        o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        for i, h in enumerate(heads):
+            outs[h] = o[:, i]
+    return torch.cat(outs, -1)
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _interleaved_min(fns, device, rounds):
+    best = [float("inf")] * len(fns)
+    for f in fns:  # warm-up (Triton compiles, caches fill)
+        f()
+    _sync(device)
+    for _ in range(rounds):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            _sync(device)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-B{c[1]}")
+def test_uneven_attention(benchmark, device, dtype, case):
+    if dtype not in DTYPES[device]:
+        pytest.skip(f"{dtype} not benchmarked on {device}")
+    name, B = case
+    qk, vd, N = CONFIGS[name]
+    scales = [1 / math.sqrt(a) for a in qk]
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, N, sum(2 * a + c for a, c in zip(qk, vd)), generator=g).to(device=device, dtype=dtype)
+    H, mq, mv = len(qk), max(qk), max(vd)
+    qp = torch.randn(B, H, N, mq, generator=g).to(device=device, dtype=dtype)
+    kp = torch.randn(B, H, N, mq, generator=g).to(device=device, dtype=dtype)
+    vp = torch.randn(B, H, N, mv, generator=g).to(device=device, dtype=dtype)
+    backend = dispatch.select("attention", qkv.device)
+
+    def ours():
+        return uneven_attention(qkv, qk, vd, scales)
+
+    work = B * H * N * N * max(mq, mv)
+    rounds = max(3, min(20, int(1e8 / work)))  # enough for a stable min, short on 2 shared cores
+    t = _interleaved_min([ours, lambda: padded(qkv, qk, vd, scales),
+                          lambda: F.scaled_dot_product_attention(qp, kp, vp), lambda: loop(qkv, qk, vd, scales),
+                          lambda: buckets(qkv, qk, vd, scales)], device, rounds)
+    t_ours, t_pad, t_sdpa, t_loop, t_buck = t
+    flop_frac = sum(a + c for a, c in zip(qk, vd)) / (H * (mq + mv))
+    benchmark.extra_info.update(
+        backend=backend, B=B, N=N, heads=H, qk_dims=qk, v_dims=vd, flop_fraction_of_padded=round(flop_frac, 4),
+        ms_ours=t_ours * 1e3, ms_padded=t_pad * 1e3, ms_padded_sdpa_only=t_sdpa * 1e3,
+        ms_loop=t_loop * 1e3, ms_buckets=t_buck * 1e3,
+        speedup_vs_padded=t_pad / t_ours, time_vs_flop_prop=t_ours / (t_pad * flop_frac),
+        speedup_vs_padded_sdpa_only=t_sdpa / t_ours, time_vs_flop_prop_sdpa_only=t_ours / (t_sdpa * flop_frac),
+        speedup_vs_loop=t_loop / t_ours, speedup_vs_buckets=t_buck / t_ours)
+    benchmark.pedantic(lambda: (ours(), _sync(device)), rounds=3, iterations=1, warmup_rounds=1)
