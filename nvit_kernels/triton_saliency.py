@@ -72,16 +72,18 @@ def _tiles_kernel(table, T, index, part, usum, U, NC: tl.constexpr, DET: tl.cons
     cp_off = tl.load(m + 12)
     rt = lt // nct
     ct = lt % nct
+    # Names differ between the branches: compiled Triton merges same-named values of an if/else,
+    # and the two tiles have different shapes.
     if R == 1:  # one long row
-        c = ct * VT + tl.arange(0, VT)
-        cm = c < C
-        p = _load_f32(w_addr, dt, c, cm) * _load_f32(g_addr, dt, c, cm)
+        vc = ct * VT + tl.arange(0, VT)
+        vcm = vc < C
+        vp = _load_f32(w_addr, dt, vc, vcm) * _load_f32(g_addr, dt, vc, vcm)
         if nrm > 0:
             r1 = tl.arange(0, 1)
-            s = tl.sum(p, 0) + tl.zeros([1], dtype=tl.float32)
+            s = tl.sum(vp, 0) + tl.zeros([1], dtype=tl.float32)
             _emit(s, r1, r1 < 1, nrm, map_off, 1, rp_off + ct, index, part, usum, U, DET)
         if ncm > 0:
-            _emit(p, c, cm, ncm, map_off + nrm, C, cp_off, index, part, usum, U, DET)
+            _emit(vp, vc, vcm, ncm, map_off + nrm, C, cp_off, index, part, usum, U, DET)
     else:
         r = rt * TR + tl.arange(0, TR)
         c = ct * TC + tl.arange(0, TC)

@@ -115,3 +115,24 @@ def test_single_tensor_plan():
     for det in (False, True):
         scores = run(ws, gs, plan, torch.zeros(3), det)
         assert_scores_close(scores, reference(ws, gs, maps, 3), ws, gs, maps, 3)
+
+
+@pytest.mark.skipif(INTERP, reason="compiles for a GPU target; the interpreter run checks the numbers")
+@pytest.mark.skipif(not dispatch.triton_importable(), reason="triton is not installed")
+@pytest.mark.slow
+def test_tile_kernel_compiles_for_gpu():
+    """Lower the tile kernel to a cubin for sm_80 without a GPU: the interpreter accepts code that
+    compiled Triton rejects (e.g. differently shaped values under one name in an if/else)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    from nvit_kernels import saliency as S
+    from nvit_kernels import triton_saliency as TS
+
+    sig = {"table": "*i64", "T": "constexpr", "index": "*i32", "part": "*fp32", "usum": "*fp32", "U": "i32",
+           "NC": "constexpr", "DET": "constexpr", "TR": "constexpr", "TC": "constexpr", "VT": "constexpr"}
+    for det in (False, True):
+        consts = {"T": 1, "NC": S.NUM_COLS, "DET": det, "TR": S.TILE_ROWS, "TC": S.TILE_COLS, "VT": S.VEC_TILE}
+        k = triton_compile(ASTSource(fn=TS._tiles_kernel, signature=sig, constexprs=consts),
+                           target=GPUTarget("cuda", 80, 32), options={"num_warps": 8})
+        assert k.asm["cubin"]
