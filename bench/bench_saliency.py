@@ -4,7 +4,8 @@ Each backend that runs on this machine's device against the eager PyTorch versio
 backend: per tensor a product, its row/column sums and index_add) and torch.compile of that same
 function, with a memory-copy roofline measured in the same run (roofline.py). extra_info holds the
 effective GB/s (weight + grad bytes read / best time), its fraction of the copy roofline and the
-speedup over eager (best times), so the ratios come from one run on one machine state.
+speedup over eager, all from best times of this run; the roofline and eager are re-measured after
+every benchmark and their best values kept, so on a shared machine the ratios err on the low side.
 
     pytest bench/bench_saliency.py --benchmark-only
 """
@@ -97,6 +98,17 @@ def _fn(case: Case, impl: str):
     return call
 
 
+def _refresh_baselines(case: Case) -> None:
+    """Re-measure the copy roofline and eager right after a benchmark and keep the best of all
+    measurements: on a shared machine this makes the ratios conservative rather than lucky."""
+    roof = copy_roofline(case.nbytes, DEVICE, rounds=3)
+    if roof.gbps > case.roof.gbps:
+        case.roof = roof
+    scores = torch.zeros(case.num_units, device=DEVICE)
+    eager = partial(eager_accumulate, case.weights, case.grads, case.specs, case.num_units, scores)
+    case.eager_s = min(case.eager_s, *timed(eager, DEVICE, rounds=EAGER_ROUNDS[case.model]))
+
+
 @pytest.mark.parametrize("impl", _impls())
 def test_saliency_pass(benchmark, case, impl):
     fn = _fn(case, impl)
@@ -105,6 +117,9 @@ def test_saliency_pass(benchmark, case, impl):
     first_s = time.perf_counter() - t0
     benchmark.pedantic(fn, rounds=ROUNDS[case.model], iterations=1, warmup_rounds=1)
     best = benchmark.stats.stats.min
+    if impl == "eager":
+        case.eager_s = min(case.eager_s, best)
+    _refresh_baselines(case)
     gbps = case.nbytes / best / 1e9
     benchmark.extra_info.update({
         "model": f"deit_{case.model}",
@@ -112,10 +127,10 @@ def test_saliency_pass(benchmark, case, impl):
         "impl": impl,
         "params": case.nbytes // 8,
         "bytes_read": case.nbytes,
-        "effective_GBps": round(gbps, 2),
-        "copy_roofline_GBps": round(case.roof.gbps, 2),
+        "effective_GBps": round(gbps, 2),            # weight + grad bytes / best time
+        "copy_roofline_GBps": round(case.roof.gbps, 2),  # best copy (read + write bytes) seen in this run
         "fraction_of_roofline": round(case.roof.fraction(case.nbytes, best), 3),
-        "eager_s": round(case.eager_s, 5),
+        "eager_s": round(case.eager_s, 5),           # best eager time seen in this run so far
         "speedup_vs_eager": round(case.eager_s / best, 2),
         "first_call_s": round(first_s, 3),
         "load_avg_1m": round(os.getloadavg()[0], 2),

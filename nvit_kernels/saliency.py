@@ -18,7 +18,6 @@ for CPU tensors, Triton or CUDA for CUDA tensors, or the eager PyTorch version (
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -65,7 +64,6 @@ class SaliencyPlan:
         self._numels = numels
         self.num_tensors = int(meta.shape[0]) - 1
         self.num_units = int(meta[-1, G_UNITS])
-        self._triton_groups: dict[tuple[int, ...], list] = {}
 
     @property
     def device(self) -> torch.device:
