@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; this is package data, meant to be read by all
         os.replace(tmp, args.out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
