@@ -196,3 +196,57 @@ def test_cuda_opcheck():
     qk_dims, v_dims = [3, 1, 5], [2, 4, 1]
     x = make_qkv(2, 7, qk_dims, v_dims, torch.float32, device=torch.device("cuda"), seed=4).requires_grad_()
     torch.library.opcheck(torch.ops.nvit.uneven_attention.default, (x, qk_dims, v_dims, [0.5, 1.0, 0.3]))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_task_layouts(threads, dtype):
+    """Both task layouts of the C++ forward (whole (b, h) per task when B*H >= 8 * threads, one query
+    tile per task otherwise), with query tails and head dims straddling the 16-wide transposes."""
+    if not dispatch.can_run("cpp", CPU)[0]:
+        pytest.skip("extension not built: " + dispatch.can_run("cpp", CPU)[1])
+    qk_dims, v_dims = [17, 1, 33, 16], [16, 31, 2, 48]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for b, n in [(5, 37), (1, 70)]:  # 20 (b, h) pairs, then 4
+            qkv = make_qkv(b, n, qk_dims, v_dims, dtype, seed=b + n, spread=2.0)
+            scales = default_scales(qk_dims)
+            ref = uneven_attention_reference(qkv, qk_dims, v_dims, scales)
+            with dispatch.use_backend("cpp"):
+                out = uneven_attention(qkv, qk_dims, v_dims, scales)
+            base = (torch_same_precision(qkv, qk_dims, v_dims, scales).double() - ref).abs().max().item()
+            err = (out.double() - ref).abs().max().item()
+            assert err <= max(2 * base, 4 * torch.finfo(dtype).eps), (b, n, err, base)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_eager_fast_path_matches_op():
+    """Inference calls skip the custom-op dispatch; they must give exactly what the op gives."""
+    qk_dims, v_dims = [5, 12, 3], [7, 2, 20]
+    qkv = make_qkv(3, 29, qk_dims, v_dims, seed=7)
+    scales = [0.3, 0.9, 0.5]
+    op = torch.ops.nvit.uneven_attention(qkv, qk_dims, v_dims, scales)
+    with torch.inference_mode():
+        fast = uneven_attention(qkv, qk_dims, v_dims, scales)
+    with torch.no_grad():
+        fast2 = uneven_attention(qkv.requires_grad_(), qk_dims, v_dims, scales)
+    assert torch.equal(fast, op) and torch.equal(fast2, op)
+
+
+def test_dispatch_modes_see_the_op():
+    """Tools that watch the dispatcher (FlopCounterMode, tracers) must see the op, even without grad."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    qkv = make_qkv(1, 4, [2], [3])
+    with torch.no_grad(), Record():
+        uneven_attention(qkv, [2], [3], [1.0])
+    assert torch.ops.nvit.uneven_attention.default in seen
