@@ -11,11 +11,14 @@ hits all variants alike; they land in ``benchmark.extra_info``:
   speedup_vs_padded        padded time / our time (>1: we are faster)
   time_vs_flop_prop        our time / (padded time * our FLOPs / padded FLOPs) (<=1: at least as
                            efficient per FLOP as the padded call)
-and the same two against ``padded_sdpa_only``. Run: pytest bench/bench_attention.py --benchmark-only
+and the same two against ``padded_sdpa_only``. CPU fp32 also runs single-threaded (``t1``): on a shared
+machine, two OpenMP threads wait on each other whenever a neighbour takes a core, which swamps small
+calls. Run: pytest bench/bench_attention.py --benchmark-only
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import pytest
@@ -104,12 +107,25 @@ def _interleaved_min(fns, device, rounds):
     return best
 
 
+@pytest.mark.parametrize("threads", [1, 0], ids=["t1", "tall"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-B{c[1]}")
-def test_uneven_attention(benchmark, device, dtype, case):
+def test_uneven_attention(benchmark, device, dtype, case, threads):
     if dtype not in DTYPES[device]:
         pytest.skip(f"{dtype} not benchmarked on {device}")
+    if threads and (device != "cpu" or dtype != torch.float32):
+        pytest.skip("single-thread figures: CPU fp32 only (the issue's targets)")
+    prev = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        _bench_case(benchmark, device, dtype, case)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _bench_case(benchmark, device, dtype, case):
     name, B = case
     qk, vd, N = CONFIGS[name]
     scales = [1 / math.sqrt(a) for a in qk]
@@ -132,7 +148,7 @@ def test_uneven_attention(benchmark, device, dtype, case):
     t_ours, t_pad, t_sdpa, t_loop, t_buck = t
     flop_frac = sum(a + c for a, c in zip(qk, vd)) / (H * (mq + mv))
     benchmark.extra_info.update(
-        backend=backend, B=B, N=N, heads=H, qk_dims=qk, v_dims=vd, flop_fraction_of_padded=round(flop_frac, 4),
+        backend=backend, threads=torch.get_num_threads(), loadavg=round(os.getloadavg()[0], 2), B=B, N=N, heads=H, qk_dims=qk, v_dims=vd, flop_fraction_of_padded=round(flop_frac, 4),
         ms_ours=t_ours * 1e3, ms_padded=t_pad * 1e3, ms_padded_sdpa_only=t_sdpa * 1e3,
         ms_loop=t_loop * 1e3, ms_buckets=t_buck * 1e3,
         speedup_vs_padded=t_pad / t_ours, time_vs_flop_prop=t_ours / (t_pad * flop_frac),
