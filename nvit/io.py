@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .model import NViT, NViTConfig
@@ -86,7 +86,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> N
         raise ModelFileError(f"nvit: {path} has no {WEIGHTS}")
     try:
         tensors = load_file(str(wf), device=str(map_location))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise ModelFileError(f"nvit: {wf} is corrupt: {e}") from None
     model = NViT(cfg)
     expected = model.state_dict()

@@ -376,3 +376,21 @@ class LatencyTable:
                 f"batch={m.get('batch_size')}, tokens={m.get('tokens')}, "
                 f"range={self.values.min() * 1e3:.3f}..{self.values.max() * 1e3:.3f} ms)")
 
+
+
+def measure_model_latency(model: torch.nn.Module, input_shape: Sequence[int], *, batch_size: int,
+                          device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                          warmup: int | None = None, repeats: int | None = None,
+                          statistic: str = "median") -> float:
+    """Wall time (s) of one inference forward of a whole model on a random batch [batch_size, *input_shape]."""
+    device = torch.device(device)
+    warmup = (1 if device.type == "cpu" else 3) if warmup is None else warmup
+    repeats = (5 if device.type == "cpu" else 20) if repeats is None else repeats
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch_size, *input_shape, device=device, dtype=dtype)
+    try:
+        with torch.inference_mode():
+            return _time_block(model, x, warmup=warmup, repeats=repeats, statistic=statistic)
+    finally:
+        model.train(was_training)

@@ -53,6 +53,7 @@ class NViTConfig:
     blocks: list[BlockConfig]
     qkv_bias: bool = True
     proj_bias: bool = True
+    qk_norm: bool = False  # LayerNorm over each head's q and k (timm qk_norm); needs equal QK dims
     layer_scale: bool = False
     class_token: bool = True
     dist_token: bool = False
@@ -112,15 +113,31 @@ class LayerScale(nn.Module):
 class UnevenAttention(nn.Module):
     """Multi-head attention where head h has its own QK and V dims; one fused kernel for all heads."""
 
-    def __init__(self, dim: int, cfg: BlockConfig, qkv_bias: bool, proj_bias: bool):
+    def __init__(self, dim: int, cfg: BlockConfig, qkv_bias: bool, proj_bias: bool, qk_norm: bool = False,
+                 norm_eps: float = 1e-6):
         super().__init__()
         self.qk_dims, self.v_dims, self.scales = list(cfg.qk_dims), list(cfg.v_dims), list(cfg.scales)
         self.qkv = nn.Linear(dim, cfg.qkv_out, bias=qkv_bias)
         self.proj = nn.Linear(sum(cfg.v_dims), dim, bias=proj_bias)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            if len(set(self.qk_dims)) != 1:
+                raise ValueError("nvit: qk_norm needs the same QK dim in every head of a block")
+            self.q_norm = nn.LayerNorm(self.qk_dims[0], eps=norm_eps)
+            self.k_norm = nn.LayerNorm(self.qk_dims[0], eps=norm_eps)
+
+    def _normalize_qk(self, qkv):
+        parts = []
+        for h, t in enumerate(qkv.split([2 * q + v for q, v in zip(self.qk_dims, self.v_dims)], dim=-1)):
+            q, k, v = t.split([self.qk_dims[h], self.qk_dims[h], self.v_dims[h]], dim=-1)
+            parts += [self.q_norm(q), self.k_norm(k), v]
+        return torch.cat(parts, dim=-1)
 
     def forward(self, x):
-        o = uneven_attention(self.qkv(x), self.qk_dims, self.v_dims, self.scales)
-        return self.proj(o)
+        qkv = self.qkv(x)
+        if self.qk_norm:
+            qkv = self._normalize_qk(qkv)
+        return self.proj(uneven_attention(qkv, self.qk_dims, self.v_dims, self.scales))
 
 
 class Mlp(nn.Module):
@@ -136,10 +153,10 @@ class Mlp(nn.Module):
 
 class NViTBlock(nn.Module):
     def __init__(self, dim: int, cfg: BlockConfig, *, qkv_bias: bool = True, proj_bias: bool = True,
-                 layer_scale: bool = False, norm_eps: float = 1e-6):
+                 qk_norm: bool = False, layer_scale: bool = False, norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = UnevenAttention(dim, cfg, qkv_bias, proj_bias)
+        self.attn = UnevenAttention(dim, cfg, qkv_bias, proj_bias, qk_norm, norm_eps)
         self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, cfg.mlp)
@@ -176,7 +193,7 @@ class NViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_pos, D))
         self.norm_pre = nn.LayerNorm(D, eps=c.norm_eps) if c.pre_norm else nn.Identity()
         self.blocks = nn.Sequential(*[
-            NViTBlock(D, b, qkv_bias=c.qkv_bias, proj_bias=c.proj_bias, layer_scale=c.layer_scale,
+            NViTBlock(D, b, qkv_bias=c.qkv_bias, proj_bias=c.proj_bias, qk_norm=c.qk_norm, layer_scale=c.layer_scale,
                       norm_eps=c.norm_eps) for b in c.blocks])
         self.norm = nn.LayerNorm(D, eps=c.norm_eps) if c.final_norm and not c.fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(D, eps=c.norm_eps) if c.fc_norm else nn.Identity()
@@ -209,7 +226,7 @@ class NViT(nn.Module):
         c = self.config
         if c.dist_token:
             i = int(c.class_token)
-            a, b = self.head(self.fc_norm(x[:, 0])), self.head_dist(self.fc_norm(x[:, i]))
+            a, b = self.head(x[:, 0]), self.head_dist(x[:, i])  # timm's distilled head: no fc_norm
             return (a, b) if self.training and getattr(self, "distilled_training", False) else (a + b) / 2
         if c.global_pool == "avg":
             x = x[:, c.num_prefix_tokens:].mean(dim=1)

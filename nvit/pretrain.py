@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -29,43 +28,7 @@ from tqdm import tqdm
 
 from nvit.datasets import EMBEDDED_MEAN, EMBEDDED_PATH, EMBEDDED_STD, load_embedded, make_loader
 from nvit.tiny_model import EMBEDDED_MODEL, build_model, load_weights
-
-
-def augment(x: torch.Tensor, pad: int, gen: torch.Generator, flip: bool = True) -> torch.Tensor:
-    """Per-sample random crop after padding `pad` pixels of background, and random horizontal flip. x: [B, C, H, W]."""
-    B, C, H, W = x.shape
-    if pad > 0:
-        background = (0.0 - EMBEDDED_MEAN) / EMBEDDED_STD  # a black pixel, normalised
-        xp = F.pad(x, (pad, pad, pad, pad), value=background)
-        dy = torch.randint(0, 2 * pad + 1, (B,), generator=gen)
-        dx = torch.randint(0, 2 * pad + 1, (B,), generator=gen)
-        rows = (dy[:, None] + torch.arange(H))[:, None, :, None]  # [B, 1, H, 1]
-        cols = (dx[:, None] + torch.arange(W))[:, None, None, :]  # [B, 1, 1, W]
-        x = xp[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
-    if flip:
-        m = torch.rand(B, generator=gen) < 0.5
-        x = torch.where(m[:, None, None, None], x.flip(-1), x)
-    return x
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return f
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset, batch_size: int = 500, progress: bool = False) -> float:
-    """Top-1 accuracy in percent."""
-    model.eval()
-    correct = 0
-    loader = make_loader(dataset, batch_size, shuffle=False)
-    for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        correct += (model(x).argmax(-1) == y).sum().item()
-    return 100.0 * correct / len(dataset)
+from nvit.training import augment, evaluate, lr_lambda  # noqa: F401  (re-exported for callers)
 
 
 def _atomic_write(path: Path, write) -> None:

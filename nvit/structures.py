@@ -152,7 +152,7 @@ class ViTAdapter:
                     bad.append(f"{n}: {type(mod).__name__} (only LayerNorm)")
         if bad:
             raise UnsupportedModelError("nvit cannot prune these modules exactly: " + "; ".join(bad))
-        self._has_qk_norm = (not self.is_nvit) and any(
+        self._has_qk_norm = m.config.qk_norm if self.is_nvit else any(
             not isinstance(b.attn.q_norm, nn.Identity) for b in m.blocks)
 
     def _read_layout(self) -> ViTLayout:
@@ -304,20 +304,24 @@ class ViTAdapter:
         return out
 
     @torch.no_grad()
-    def apply_masks(self, masks: Masks, plan=None) -> None:
-        """Zero every pruned weight (call after each optimizer step, so updates cannot revive them)."""
-        for p, r, c in plan if plan is not None else self.param_masks(masks):
+    def apply_masks(self, masks: Masks, prepared=None) -> None:
+        """Zero every pruned weight (call after each optimizer step, so updates cannot revive them).
+
+        `prepared` (from prepared_param_masks) holds the pruned indices, so only pruned rows and
+        columns are written."""
+        for p, r, c in prepared if prepared is not None else self.prepared_param_masks(masks):
             if r is not None:
-                p.mul_(r.view(-1, *([1] * (p.dim() - 1))).to(p.dtype))
+                p.index_fill_(0, r, 0)
             if c is not None:
-                p.mul_(c.to(p.dtype))
+                p.index_fill_(p.dim() - 1, c, 0)
 
     def prepared_param_masks(self, masks: Masks):
-        """param_masks with masks moved to each parameter's device (and None where all-kept)."""
+        """(parameter, pruned row indices or None, pruned column indices or None) on each
+        parameter's device, for the parameters that have anything pruned."""
         out = []
         for p, r, c in self.param_masks(masks):
-            r = None if r is None or bool(r.all()) else r.to(p.device)
-            c = None if c is None or bool(c.all()) else c.to(p.device)
+            r = None if r is None or bool(r.all()) else (~r).nonzero().flatten().to(p.device)
+            c = None if c is None or bool(c.all()) else (~c).nonzero().flatten().to(p.device)
             if r is not None or c is not None:
                 out.append((p, r, c))
         return out
@@ -347,6 +351,7 @@ class ViTAdapter:
             num_classes=self._num_classes(),
             embed_dim=int(masks.embed.sum()), blocks=blocks,
             qkv_bias=blk0.attn.qkv.bias is not None, proj_bias=blk0.attn.proj.bias is not None,
+            qk_norm=self._has_qk_norm,
             layer_scale=hasattr(blk0.ls1, "gamma"),
             class_token=getattr(m, "cls_token", None) is not None, dist_token=self.distilled,
             reg_tokens=0 if getattr(m, "reg_token", None) is None else m.reg_token.shape[1],
@@ -386,6 +391,9 @@ class ViTAdapter:
             if a.qkv.bias is not None:
                 sd[p + "attn.qkv.bias"] = a.qkv.bias[rows]
             sd[p + "attn.proj.weight"] = a.proj.weight[E][:, pc]
+            if cfg.qk_norm:
+                for n in ("q_norm", "k_norm"):
+                    sd.update(_sliced_norm(p + "attn." + n, getattr(a, n), slice(None)))
             if a.proj.bias is not None:
                 sd[p + "attn.proj.bias"] = a.proj.bias[E]
             M = masks.mlp[bi].nonzero().flatten().to(dev)

@@ -1,0 +1,406 @@
+"""Global, latency-aware Hessian pruning of a ViT (NViT).
+
+Usage::
+
+    pruner = Pruner(model, granularity="aligned", target=Target("flops", 0.4))
+    for step, (x, y) in enumerate(loader):
+        loss(model(x), y).backward()
+        pruner.accumulate()                 # one fused kernel call: scores += (Σ w·g)² per structure
+        optimizer.step(); optimizer.zero_grad()
+        pruner.apply_masks()                # keep pruned weights at zero
+        if step % K == 0 and not pruner.done:
+            pruner.prune_step(n_units)      # remove the N lowest-ranked structures, globally
+    nvit_model = pruner.convert()           # exact: computes what the masked model computed
+
+Ranking. Every structure of every kind and block is in one pool. The saliency I_S (averaged over the
+batches since the last prune step, then an EMA across prune steps) estimates the loss increase of
+removing S. With ``normalize="cost"`` (default) structures are ranked by I_S / ΔC_S: the estimated
+loss increase per unit of the target's cost (FLOPs, params or modelled latency) that removing S saves,
+as a fraction of the dense model's — the greedy rule for "least loss for the budget", and it needs no
+per-kind divisors. ``normalize="none"`` ranks by I_S alone (the paper). With a latency table and
+η > 0, η·ΔLat_S/Lat_dense is subtracted (the paper's latency-aware term, here relative to the dense
+latency so η is unit-free).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from nvit_kernels.saliency import SaliencyPlan, saliency_accumulate
+from nvit_kernels.vit_maps import EMBED, GRANULARITIES, HEAD, KIND_NAMES, MLP, QK, V
+
+from .model import BlockConfig, NViT, NViTConfig
+from .structures import Masks, ViTAdapter
+
+METRICS = ("latency", "flops", "params")
+
+
+class TargetUnreachableError(RuntimeError):
+    """The target cannot be met without removing a structure the guards keep."""
+
+
+@dataclass
+class Target:
+    """Prune until `metric` (latency | flops | params) is at most `fraction` of the dense model's."""
+
+    metric: str
+    fraction: float
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"nvit: target metric must be one of {METRICS}, got {self.metric!r}")
+        if not (0.0 < self.fraction < 1.0):
+            raise ValueError(f"nvit: target fraction must be in (0, 1), got {self.fraction}")
+
+
+@dataclass
+class PruneStepInfo:
+    removed: dict[str, int]
+    fraction: float  # current metric / dense metric
+    done: bool
+    step: int
+
+
+@dataclass
+class _Group:
+    units: list[int]
+    kind: int
+    block: int
+    head: int
+    rank: float
+    cost: float = 0.0
+
+
+@dataclass
+class PrunerState:
+    masks: dict
+    ema: torch.Tensor | None
+    scores: torch.Tensor
+    n_batches: int
+    steps: int
+    history: list = field(default_factory=list)
+
+
+class Pruner:
+    """Global Hessian-saliency pruner for timm ViT/DeiT models (and NViT models).
+
+    granularity: "aligned" (QK/V dims removed from every head of a block at once, the paper) or
+    "per-head" (each head keeps its own QK and V dims). group_size: units removed together per
+    kind (dims stay multiples of it: hardware-friendly rounding), e.g. {"mlp": 16, "qk": 8}.
+    """
+
+    def __init__(self, model: nn.Module, target: Target | None = None, *, granularity: str = "aligned",
+                 normalize: str = "cost", eta: float = 0.0, latency_table=None,
+                 group_size: dict[str, int] | None = None, ema_momentum: float = 0.9,
+                 deterministic: bool = False):
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"nvit: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if normalize not in ("cost", "none"):
+            raise ValueError(f"nvit: normalize must be 'cost' or 'none', got {normalize!r}")
+        if target is not None and target.metric == "latency" and latency_table is None:
+            raise ValueError("nvit: a latency target needs a latency_table (nvit.latency.LatencyTable)")
+        if eta and latency_table is None:
+            raise ValueError("nvit: eta > 0 needs a latency_table")
+        self.model, self.target, self.granularity = model, target, granularity
+        self.normalize, self.eta, self.table = normalize, float(eta), latency_table
+        self.ema_momentum, self.deterministic = ema_momentum, deterministic
+        gs = {k: 1 for k in KIND_NAMES}
+        for k, v in (group_size or {}).items():
+            if k not in gs or int(v) < 1:
+                raise ValueError(f"nvit: group_size keys are {KIND_NAMES} with values ≥1, got {k}={v}")
+            gs[k] = int(v)
+        self.group_size = gs
+
+        self.adapter = ViTAdapter(model)
+        self.masks = self.adapter.full_masks()
+        self.adapter.install_norms(self.masks)
+        pairs, self.units = self.adapter.saliency_maps(granularity)
+        self.params = [p for p, _ in pairs]
+        self.device = self.params[0].device
+        self.plan = SaliencyPlan.build([t for _, t in pairs], self.units.num_units, device=self.device)
+        self.scores = torch.zeros(self.units.num_units, dtype=torch.float32, device=self.device)
+        self.n_batches = 0
+        self.ema: torch.Tensor | None = None
+        self.steps = 0
+        self.history: list[dict] = []
+        self._pm = self.adapter.prepared_param_masks(self.masks)
+        self.dense_config = self.config()
+        self.dense_cost = {m: self._metric(m, self.dense_config) for m in METRICS if m != "latency" or self.table}
+        if target is not None:
+            floor = self._metric(target.metric, self._smallest_config()) / self.dense_cost[target.metric]
+            if floor > target.fraction:
+                raise TargetUnreachableError(
+                    f"nvit: target {target.metric} ≤ {target.fraction:.3f} of dense is unreachable: the smallest "
+                    f"model the guards allow has {floor:.3f}")
+
+    # ---- costs -----------------------------------------------------------------------------------
+    def config(self) -> NViTConfig:
+        """The architecture the current masks describe (what convert() will build)."""
+        return self.adapter.nvit_config(self.masks)
+
+    def _metric(self, metric: str, cfg: NViTConfig) -> float:
+        from .cost import count_flops, count_params
+
+        if metric == "flops":
+            return float(count_flops(cfg))
+        if metric == "params":
+            return float(count_params(cfg))
+        return float(self.table.model_latency(cfg))
+
+    def fraction(self, metric: str | None = None) -> float:
+        metric = metric or self.target.metric
+        return self._metric(metric, self.config()) / self.dense_cost[metric]
+
+    @property
+    def done(self) -> bool:
+        return self.target is not None and self.fraction() <= self.target.fraction
+
+    def _smallest_config(self) -> NViTConfig:
+        c = self.dense_config
+        blocks = [BlockConfig([1], [1], 1, b.scales[:1]) for b in c.blocks]
+        d = c.to_dict()
+        d.update(embed_dim=1, blocks=blocks)
+        return NViTConfig(**d)
+
+    def _delta(self, metric: str, cfg: NViTConfig, kind: int, block: int, head: int) -> float:
+        """Exact cost saved by removing one unit of `kind` at (block, head position) from `cfg`
+        (head < 0: a QK/V unit shared by all heads)."""
+        if kind == EMBED:
+            if cfg.embed_dim <= 1:
+                return 0.0  # not removable; guarded elsewhere
+            smaller = dataclasses.replace(cfg, embed_dim=cfg.embed_dim - 1)
+        else:
+            b = cfg.blocks[block]
+            qk, v, sc, mlp = list(b.qk_dims), list(b.v_dims), list(b.scales), b.mlp
+            if kind == HEAD:
+                del qk[head], v[head], sc[head]
+            elif kind in (QK, V):
+                dims = qk if kind == QK else v
+                for i in (range(len(dims)) if head < 0 else [head]):
+                    dims[i] -= 1
+            else:
+                mlp -= 1
+            if not qk or min(qk + v + [mlp]) < 1:
+                return 0.0
+            blocks = list(cfg.blocks)
+            blocks[block] = BlockConfig(qk, v, mlp, sc)
+            smaller = dataclasses.replace(cfg, blocks=blocks)
+        return self._metric(metric, cfg) - self._metric(metric, smaller)
+
+    def _unit_deltas(self, metric: str) -> torch.Tensor:
+        """ΔC per unit (float64, CPU) of `metric`, for the current masks."""
+        cfg = self.config()
+        U = self.units
+        kind, block = U.kind.tolist(), U.block.tolist()
+        head = torch.where(U.kind == HEAD, U.index, U.head).tolist()  # a head unit's head is its index
+        cache: dict[tuple, float] = {}
+        out = torch.zeros(U.num_units, dtype=torch.float64)
+        alive_pos = [m.nonzero().flatten().tolist() for m in self.masks.heads]
+        for u in range(U.num_units):
+            k, b, h = kind[u], block[u], head[u]
+            key = (k, b, h)
+            if key not in cache:
+                hp = h
+                if h >= 0:  # map the original head index to its position among alive heads
+                    hp = alive_pos[b].index(h) if h in alive_pos[b] else None
+                cache[key] = 0.0 if hp is None else self._delta(metric, cfg, k, b, hp)
+            out[u] = cache[key]
+        return out
+
+    # ---- saliency ------------------------------------------------------------------------------
+    def accumulate(self) -> None:
+        """Add this mini-batch's (Σ g·w)² of every structure into the score buffer (after backward)."""
+        grads = []
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                raise RuntimeError(f"nvit: parameter #{i} (shape {tuple(p.shape)}) has no gradient; "
+                                   "call accumulate() after loss.backward()")
+            grads.append(p.grad)
+        saliency_accumulate([p.detach() for p in self.params], grads, self.plan, self.scores,
+                            deterministic=self.deterministic)
+        self.n_batches += 1
+
+    def apply_masks(self) -> None:
+        """Zero pruned weights (after each optimizer step)."""
+        self.adapter.apply_masks(self.masks, self._pm)
+
+    def unit_alive(self) -> torch.Tensor:
+        U, M = self.units, self.masks
+        alive = torch.zeros(U.num_units, dtype=torch.bool)
+        kind, block, head, index = U.kind, U.block, U.head, U.index
+        e = kind == EMBED
+        alive[e] = M.embed[index[e]]
+        for b in range(len(M.heads)):
+            sel = block == b
+            hs = sel & (kind == HEAD)
+            alive[hs] = M.heads[b][index[hs]]
+            ms = sel & (kind == MLP)
+            alive[ms] = M.mlp[b][index[ms]]
+            for k, mm in ((QK, M.qk[b]), (V, M.v[b])):
+                ks = sel & (kind == k)
+                live = mm & M.heads[b][:, None]
+                if self.granularity == "aligned":
+                    alive[ks] = live.any(0)[index[ks]]
+                else:
+                    alive[ks] = live[head[ks], index[ks]]
+        return alive
+
+    def _remove(self, u: int) -> None:
+        k, b, h, i = (int(t[u]) for t in (self.units.kind, self.units.block, self.units.head, self.units.index))
+        M = self.masks
+        if k == EMBED:
+            M.embed[i] = False
+        elif k == HEAD:
+            M.heads[b][h] = False
+            M.qk[b][h] = False
+            M.v[b][h] = False
+        elif k == MLP:
+            M.mlp[b][i] = False
+        else:
+            mm = M.qk[b] if k == QK else M.v[b]
+            if h < 0:
+                mm[:, i] = False
+            else:
+                mm[h, i] = False
+
+    def step_scores(self) -> torch.Tensor:
+        """Saliency per unit used for ranking: batch average since the last step, EMA across steps."""
+        if self.n_batches == 0:
+            if self.ema is None:
+                raise RuntimeError("nvit: no saliency accumulated yet; call accumulate() after backward first")
+            return self.ema
+        avg = (self.scores / self.n_batches).double().cpu()
+        m = self.ema_momentum
+        self.ema = avg if self.ema is None else m * self.ema + (1 - m) * avg
+        self.scores.zero_()
+        self.n_batches = 0
+        return self.ema
+
+    def _rank_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ΔC per unit in the target metric as a fraction of dense, η·ΔLat/Lat_dense per unit)."""
+        metric = self.target.metric if self.target else "flops"
+        dc = self._unit_deltas(metric) / self.dense_cost[metric]
+        lat = torch.zeros_like(dc)
+        if self.eta:
+            lat = self.eta * self._unit_deltas("latency") / self.dense_cost["latency"]
+        return dc, lat
+
+    def _groups(self, sal: torch.Tensor, dc: torch.Tensor, lat: torch.Tensor, alive: torch.Tensor) -> list[_Group]:
+        """Candidate groups: per (kind, block, head) bucket, units sorted by their own rank and cut
+        into groups of the kind's group size; each group ranked as a whole."""
+        U = self.units
+        unit_rank = ((sal / dc.clamp_min(1e-12) if self.normalize == "cost" else sal) - lat).tolist()
+        sal_l, dc_l, lat_l = sal.tolist(), dc.tolist(), lat.tolist()
+        kind, block, head = U.kind.tolist(), U.block.tolist(), U.head.tolist()
+        buckets: dict[tuple, list[int]] = {}
+        for u in alive.nonzero().flatten().tolist():
+            buckets.setdefault((kind[u], block[u], head[u]), []).append(u)
+        groups = []
+        for (k, b, h), us in buckets.items():
+            us.sort(key=lambda u: (unit_rank[u], u))
+            g = self.group_size[KIND_NAMES[k]]
+            for s in range(0, len(us), g):
+                part = us[s: s + g]
+                if len(part) < g and len(us) >= g:
+                    break  # a partial group would break the dims' multiple of g
+                cost = sum(dc_l[u] for u in part)
+                gs, gl = sum(sal_l[u] for u in part), sum(lat_l[u] for u in part)
+                rank = (gs / max(cost, 1e-12) if self.normalize == "cost" else gs) - gl
+                groups.append(_Group(part, k, b, h, rank, cost))
+        groups.sort(key=lambda g: (g.rank, g.units[0]))
+        return groups
+
+    def _allowed(self, g: _Group) -> bool:
+        """Guards: never remove the last head, QK dim, V dim, MLP channel of a block (of a head in
+        per-head granularity), nor the last embedding channel."""
+        M, n = self.masks, len(g.units)
+        if g.kind == QK and not self.adapter.qk_prunable:
+            return False  # q/k norm: removing a QK dim changes the other dims' normalisation
+        if g.kind == EMBED:
+            return int(M.embed.sum()) - n >= 1
+        b = g.block
+        if g.kind == HEAD:
+            return (all(bool(M.heads[b][int(self.units.index[u])]) for u in g.units)
+                    and int(M.heads[b].sum()) - n >= 1)
+        if g.kind == MLP:
+            return int(M.mlp[b].sum()) - n >= 1
+        mm = (M.qk[b] if g.kind == QK else M.v[b]) & M.heads[b][:, None]
+        if g.head >= 0:
+            if not bool(M.heads[b][g.head]):
+                return False
+            return int(mm[g.head].sum()) - n >= 1
+        return int(mm.any(0).sum()) - n >= 1
+
+    def prune_step(self, n_units: int) -> PruneStepInfo:
+        """Remove up to `n_units` lowest-ranked units (fewer if the target is reached first)."""
+        if n_units < 1:
+            raise ValueError("nvit: n_units must be ≥1")
+        sal = self.step_scores()
+        alive = self.unit_alive()
+        dc, lat = self._rank_terms()
+        groups = self._groups(sal, dc, lat, alive)
+        frac = self.fraction() if self.target else 1.0
+        removed = {k: 0 for k in KIND_NAMES}
+        count = 0
+        for g in groups:
+            if count >= n_units or (self.target and frac <= self.target.fraction):
+                break
+            if not self._allowed(g):
+                continue
+            for u in g.units:
+                self._remove(u)
+            removed[KIND_NAMES[g.kind]] += len(g.units)
+            count += len(g.units)
+            if self.target:
+                frac -= g.cost  # first-order; the exact fraction is recomputed after the step
+        self._refresh()
+        self.steps += 1
+        frac = self.fraction() if self.target else 1.0
+        if count == 0 and self.target and frac > self.target.fraction:
+            raise TargetUnreachableError(
+                f"nvit: no structure can be removed any more and {self.target.metric} is still "
+                f"{frac:.3f} > target {self.target.fraction}")
+        info = PruneStepInfo(removed, frac, self.done, self.steps)
+        self.history.append({"step": self.steps, "removed": removed, "fraction": frac})
+        return info
+
+    def prune_to_target(self, n_per_step: int = 64) -> list[PruneStepInfo]:
+        """One-shot: repeat prune steps on the saliency gathered so far until the target is met."""
+        if self.target is None:
+            raise ValueError("nvit: prune_to_target needs a target")
+        infos = []
+        while not self.done:
+            infos.append(self.prune_step(n_per_step))
+        return infos
+
+    def _refresh(self) -> None:
+        self.adapter.install_norms(self.masks)
+        self._pm = self.adapter.prepared_param_masks(self.masks)
+        self.apply_masks()
+
+    def set_masks(self, masks: Masks) -> None:
+        self.masks = masks.clone()
+        self._refresh()
+
+    # ---- conversion and state ----------------------------------------------------------------
+    def convert(self, provenance: dict | None = None) -> NViT:
+        prov = {"granularity": self.granularity, "prune_steps": self.steps,
+                "target": None if self.target is None else {"metric": self.target.metric,
+                                                            "fraction": self.target.fraction}}
+        prov.update(provenance or {})
+        return self.adapter.convert(self.masks, prov)
+
+    def state_dict(self) -> dict:
+        return {"masks": {k: v.clone() for k, v in self.masks.state_dict().items()},
+                "ema": None if self.ema is None else self.ema.clone(), "scores": self.scores.detach().cpu().clone(),
+                "n_batches": self.n_batches, "steps": self.steps, "history": list(self.history)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.set_masks(Masks.from_state_dict(d["masks"]))
+        self.ema = None if d["ema"] is None else d["ema"].double()
+        self.scores.copy_(d["scores"].to(self.scores.device))
+        self.n_batches, self.steps, self.history = int(d["n_batches"]), int(d["steps"]), list(d["history"])
+

@@ -1,0 +1,176 @@
+"""Global ranking, guards, targets and the prune → convert → save → load path."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nvit
+from nvit import Pruner, Target, TargetUnreachableError
+from nvit.cost import count_flops, count_params
+from nvit_kernels.vit_maps import KIND_NAMES
+from _vit_factory import tiny_vit
+
+GRANS = ["aligned", "per-head"]
+
+
+def _accumulate(pruner, model, batches=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
+        x = torch.randn(4, 3, 16, 16, generator=g)
+        y = torch.randint(0, 5, (4,), generator=g)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pruner.accumulate()
+
+
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("metric", ["flops", "params"])
+def test_prune_to_target_convert_save_load(gran, metric, tmp_path):
+    model = tiny_vit("plain", embed_dim=32, depth=3, num_heads=4)
+    pruner = Pruner(model, Target(metric, 0.5), granularity=gran)
+    _accumulate(pruner, model)
+    infos = pruner.prune_to_target(n_per_step=16)
+    assert infos and infos[-1].done
+    assert pruner.fraction() <= 0.5
+    nv = pruner.convert()
+    cost = count_flops if metric == "flops" else count_params
+    dense = cost(pruner.dense_config)
+    assert cost(nv.config) / dense == pytest.approx(pruner.fraction())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (model(x) - nv(x)).abs().max().item() <= 1e-5
+    nvit.save(nv, tmp_path / "m")
+    back = nvit.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(back(x), nv(x))
+    if gran == "aligned":
+        assert all(len(set(b.qk_dims)) == 1 and len(set(b.v_dims)) == 1 for b in nv.config.blocks)
+
+
+def test_global_pool_spans_kinds_and_blocks():
+    model = tiny_vit("plain", embed_dim=32, depth=3, num_heads=4)
+    pruner = Pruner(model, Target("flops", 0.3), granularity="per-head")
+    _accumulate(pruner, model)
+    pruner.prune_to_target(n_per_step=32)
+    removed = {k: sum(h["removed"][k] for h in pruner.history) for k in KIND_NAMES}
+    assert sum(v > 0 for v in removed.values()) >= 3, removed
+    cfg = pruner.config()
+    assert len({(tuple(b.qk_dims), b.mlp) for b in cfg.blocks}) > 1  # blocks end up different
+
+
+def test_lowest_saliency_goes_first():
+    model = tiny_vit("plain", embed_dim=32, depth=2, num_heads=4)
+    pruner = Pruner(model, Target("flops", 0.9), granularity="per-head", normalize="none")
+    _accumulate(pruner, model)
+    sal = pruner.step_scores().clone()
+    alive_before = pruner.unit_alive()
+    pruner.ema = sal  # rank on exactly these scores
+    pruner.n_batches = 0
+    pruner.prune_step(5)
+    gone = alive_before & ~pruner.unit_alive()
+    kept = pruner.unit_alive()
+    # every directly removed unit scored no higher than any unit still alive of a removable kind
+    direct = gone.nonzero().flatten()
+    assert len(direct) >= 5
+    assert float(sal[direct].min()) <= float(sal[kept].max())
+
+
+def test_guards_keep_one_of_everything():
+    model = tiny_vit("plain", embed_dim=16, depth=2, num_heads=2)
+    pruner = Pruner(model, Target("flops", 0.05), granularity="per-head")
+    _accumulate(pruner, model)
+    pruner.prune_to_target(n_per_step=64)
+    cfg = pruner.config()
+    assert cfg.embed_dim >= 1
+    for b in cfg.blocks:
+        assert b.heads >= 1 and min(b.qk_dims) >= 1 and min(b.v_dims) >= 1 and b.mlp >= 1
+
+
+def test_unreachable_target_is_an_error():
+    model = tiny_vit("plain", embed_dim=16, depth=2, num_heads=2)
+    with pytest.raises(TargetUnreachableError, match="unreachable"):
+        Pruner(model, Target("params", 0.0001))
+    with pytest.raises(ValueError, match="fraction"):
+        Target("flops", 1.5)
+    with pytest.raises(ValueError, match="metric"):
+        Target("speed", 0.5)
+
+
+def test_group_size_keeps_multiples():
+    model = tiny_vit("plain", embed_dim=32, depth=2, num_heads=2)
+    pruner = Pruner(model, Target("flops", 0.5), granularity="aligned",
+                    group_size={"mlp": 8, "qk": 4, "v": 4, "embed": 8})
+    _accumulate(pruner, model)
+    pruner.prune_to_target(n_per_step=16)
+    cfg = pruner.config()
+    assert cfg.embed_dim % 8 == 0
+    for b in cfg.blocks:
+        assert b.mlp % 8 == 0 and b.qk_dims[0] % 4 == 0 and b.v_dims[0] % 4 == 0
+
+
+def test_predicted_cost_deltas_are_exact():
+    model = tiny_vit("plain", embed_dim=24, depth=2, num_heads=3)
+    pruner = Pruner(model, Target("flops", 0.5), granularity="per-head")
+    deltas = pruner._unit_deltas("flops")
+    alive = pruner.unit_alive()
+    for u in [0, int(alive.numel()) // 3, int(alive.numel()) - 1, int((pruner.units.kind == 1).nonzero()[0])]:
+        p2 = copy.copy(pruner)
+        p2.masks = pruner.masks.clone()
+        before = count_flops(p2.config())
+        p2._remove(u)
+        assert before - count_flops(p2.config()) == deltas[u]
+
+
+def test_masks_survive_optimizer_steps_and_state_roundtrip():
+    model = tiny_vit("plain", embed_dim=24, depth=2, num_heads=3)
+    pruner = Pruner(model, Target("flops", 0.6), granularity="aligned")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _accumulate(pruner, model)
+    pruner.prune_step(20)
+    for _ in range(2):
+        _accumulate(pruner, model, batches=1, seed=3)
+        opt.step()
+        pruner.apply_masks()
+    nv = pruner.convert()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (model(x) - nv(x)).abs().max().item() <= 1e-5
+    st = pruner.state_dict()
+    fresh = Pruner(tiny_vit("plain", embed_dim=24, depth=2, num_heads=3), Target("flops", 0.6), granularity="aligned")
+    fresh.load_state_dict(st)
+    assert fresh.masks.equal(pruner.masks) and fresh.steps == pruner.steps
+
+
+def test_accumulate_needs_gradients():
+    model = tiny_vit("plain")
+    pruner = Pruner(model, Target("flops", 0.5))
+    with pytest.raises(RuntimeError, match="gradient"):
+        pruner.accumulate()
+    with pytest.raises(RuntimeError, match="no saliency"):
+        pruner.prune_step(1)
+
+
+@pytest.mark.parametrize("gran", GRANS)
+def test_deit_small_end_to_end(gran, tmp_path):
+    """The issue's acceptance path on the real DeiT-S architecture (random init, nothing downloaded)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224", pretrained=False)
+    pruner = Pruner(model, Target("flops", 0.5), granularity=gran, group_size={"mlp": 16, "embed": 8})
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        x = torch.randn(2, 3, 224, 224, generator=g)
+        model.zero_grad()
+        F.cross_entropy(model(x), torch.randint(0, 1000, (2,), generator=g)).backward()
+        pruner.accumulate()
+    pruner.prune_to_target(n_per_step=1024)
+    model.eval()
+    nv = pruner.convert()
+    assert count_flops(nv.config) <= 0.5 * count_flops(pruner.dense_config)
+    nvit.save(nv, tmp_path / "deit_s")
+    back = nvit.load(tmp_path / "deit_s")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (model(x) - back(x)).abs().max().item() <= 1e-4
