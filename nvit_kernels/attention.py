@@ -256,12 +256,13 @@ _uneven_attention_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------------
 def _plain_eager(qkv) -> bool:
     """Whether calling the op's implementation directly is indistinguishable from the op: a plain
-    tensor needing no autograd, and nothing (compiler, tracer, dispatch/function mode such as
-    FlopCounterMode, functorch transform) that must see ``torch.ops.nvit.uneven_attention``."""
+    tensor needing no autograd, and nothing (compiler, tracer, profiler, dispatch/function mode such
+    as FlopCounterMode, functorch transform) that must see ``torch.ops.nvit.uneven_attention``."""
     return (type(qkv) is Tensor
             and not (qkv.requires_grad and torch.is_grad_enabled())
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
+            and not torch.autograd._profiler_enabled()  # so torch.profiler lists the op
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled()
             and not torch._C._functorch.is_functorch_wrapped_tensor(qkv))

@@ -250,3 +250,6 @@ def test_dispatch_modes_see_the_op():
     with torch.no_grad(), Record():
         uneven_attention(qkv, [2], [3], [1.0])
     assert torch.ops.nvit.uneven_attention.default in seen
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        uneven_attention(qkv, [2], [3], [1.0])
+    assert any(e.key == "nvit::uneven_attention" for e in prof.key_averages())
