@@ -188,11 +188,12 @@ def load_dense_model(s: dict) -> tuple[torch.nn.Module, dict]:
         if not ck.is_file():
             raise RunError(f"checkpoint {ck} not found")
         state = _read_state_dict(ck)
-        kw = {}
-        for key in ("num_classes",):
-            w = state.get("head.weight")
-            if w is not None:
-                kw[key] = w.shape[0]
+        kw = {}  # shape facts the checkpoint fixes: its classifier width and depth
+        if "head.weight" in state:
+            kw["num_classes"] = state["head.weight"].shape[0]
+        blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+        if blocks:
+            kw["depth"] = max(blocks) + 1
         if s["img_size"]:
             kw["img_size"] = s["img_size"]
         if s["in_chans"]:

@@ -253,10 +253,10 @@ class Pruner:
         M = self.masks
         if k == EMBED:
             M.embed[i] = False
-        elif k == HEAD:
-            M.heads[b][h] = False
-            M.qk[b][h] = False
-            M.v[b][h] = False
+        elif k == HEAD:  # a head unit's head is its index
+            M.heads[b][i] = False
+            M.qk[b][i] = False
+            M.v[b][i] = False
         elif k == MLP:
             M.mlp[b][i] = False
         else:

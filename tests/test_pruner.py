@@ -55,6 +55,11 @@ def test_global_pool_spans_kinds_and_blocks():
     pruner.prune_to_target(n_per_step=32)
     removed = {k: sum(h["removed"][k] for h in pruner.history) for k in KIND_NAMES}
     assert sum(v > 0 for v in removed.values()) >= 3, removed
+    # what the history reports is what the masks say
+    M = pruner.masks
+    assert removed["embed"] == int((~M.embed).sum())
+    assert removed["head"] == sum(int((~h).sum()) for h in M.heads)
+    assert removed["mlp"] == sum(int((~m).sum()) for m in M.mlp)
     cfg = pruner.config()
     assert len({(tuple(b.qk_dims), b.mlp) for b in cfg.blocks}) > 1  # blocks end up different
 

@@ -1,0 +1,158 @@
+"""`python -m nvit.prune` end to end on tiny models and a few dozen images (seconds per run)."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nvit
+from nvit.prune import main
+from nvit.structures import ViTAdapter
+from nvit.training import evaluate
+from _vit_factory import tiny_vit  # noqa: F401  (same helpers as the engine tests)
+
+FAST = ["--train-limit", "48", "--eval-limit", "40", "--batch-size", "8", "--prune-epochs", "1",
+        "--finetune-epochs", "1", "--prune-every", "2", "--latency-batch", "2", "--no-progress",
+        "--checkpoint-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_nvit(tmp_path_factory):
+    """A tiny 1×28×28 model saved as an NViT model (so the CLI runs on the embedded data)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=24, depth=2,
+                          num_heads=3, mlp_ratio=2).eval()
+    a = ViTAdapter(m)
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    nvit.save(a.convert(a.full_masks()), path)
+    return path
+
+
+def _run(args):
+    return main(list(map(str, args)))
+
+
+def test_smoke_report_and_saved_model(tiny_nvit, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(["--nvit-model", tiny_nvit, "--out", out, "--target", 0.5, "--granularity", "per-head", *FAST]) == 0
+    text = capsys.readouterr().out
+    assert "summary" in text and "fewer FLOPs" in text
+    for f in ("report.json", "model/config.json", "model/model.safetensors", "dims.png", "masks.safetensors",
+              "run.json"):
+        assert (out / f).is_file(), f
+    assert not (out / "checkpoint.pt").exists()
+    r = json.loads((out / "report.json").read_text())
+    for side in ("dense", "pruned"):
+        for k in ("params", "flops", "latency_s", "top1"):
+            assert isinstance(r[side][k], (int, float)) and math.isfinite(r[side][k]), (side, k)
+    assert r["pruned"]["flops"] <= 0.5 * r["dense"]["flops"]
+    assert r["latency"]["batch_size"] == 2 and r["latency"]["device"].startswith("cpu")
+    assert len(r["architecture"]["blocks"]) == 2 and r["settings"]["granularity"] == "per-head"
+    assert r["prune_steps"] and set(r["timings"]) >= {"prune_s", "finetune_s", "total_s"}
+    # the saved model reproduces the reported accuracy on the same data
+    from nvit.datasets import load_embedded
+
+    model = nvit.load(out / "model")
+    assert evaluate(model, load_embedded("test", limit=40)) == pytest.approx(r["pruned"]["top1"])
+
+
+def test_timm_model_on_image_folder(tmp_path):
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 4)):
+        for c in range(3):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(d / f"{i}.png")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=3, depth=2)
+    ck = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ck))
+    out = tmp_path / "run"
+    assert _run(["--model", "vit_tiny_patch16_224", "--checkpoint", ck, "--img-size", 32, "--data", root,
+                 "--out", out, "--target", 0.6, "--target-metric", "params", *FAST]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["data"]["kind"] == "image-folder" and r["model"]["model"] == "vit_tiny_patch16_224"
+    assert r["pruned"]["params"] <= 0.6 * r["dense"]["params"]
+
+
+def test_resume_reaches_the_same_masks(tiny_nvit, tmp_path):
+    common = ["--nvit-model", tiny_nvit, "--target", 0.5, *FAST]
+    assert _run([*common, "--out", tmp_path / "full"]) == 0
+    part = tmp_path / "part"
+    assert _run([*common, "--out", part, "--stop-after", 4]) == 0  # interrupted after the 2nd prune step
+    assert (part / "checkpoint.pt").is_file() and not (part / "report.json").exists()
+    assert _run(["--resume", part, "--no-progress"]) == 0
+    a, b = load_file(str(tmp_path / "full" / "masks.safetensors")), load_file(str(part / "masks.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (tmp_path / "full", part))
+    assert ra["architecture"] == rb["architecture"] and ra["pruned"]["top1"] == rb["pruned"]["top1"]
+
+
+def test_resume_from_finetune_checkpoint(tiny_nvit, tmp_path):
+    common = ["--nvit-model", tiny_nvit, "--target", 0.5, *FAST]
+    part = tmp_path / "part"
+    assert _run([*common, "--out", part, "--stop-after", 9]) == 0  # 6 prune iterations + 3 fine-tune ones
+    ck = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert ck["phase"] == "finetune"
+    assert _run(["--resume", part, "--no-progress"]) == 0
+    assert (part / "report.json").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no_such_vit_xyz", "--checkpoint", "x.pt"], "unknown timm model"),
+    (["--model", "vit_tiny_patch16_224", "--checkpoint", "missing.safetensors"], "not found"),
+    (["--model", "vit_tiny_patch16_224"], "needs --checkpoint"),
+    (["--data", "no/such/folder"], "not a folder"),
+    (["--target", "1.5"], "fraction in (0, 1)"),
+    (["--target", "0"], "fraction in (0, 1)"),
+    (["--target-metric", "params", "--target", "0.0001"], "unreachable"),
+    (["--batch-size", "0"], "batch-size"),
+])
+def test_errors_are_clear_and_write_nothing(args, message, tiny_nvit, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = [] if "--model" in args else ["--nvit-model", tiny_nvit]
+    assert _run([*base, "--out", out, *FAST, *args]) == 2  # the case's flags win
+    assert message in capsys.readouterr().err
+    assert not (out / "report.json").exists()
+
+
+def test_nan_loss_stops_with_a_message(tiny_nvit, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(["--nvit-model", tiny_nvit, "--out", out, *FAST, "--lr", "1e30"]) == 2
+    assert "lower --lr" in capsys.readouterr().err
+    assert not (out / "report.json").exists()
+
+
+def test_out_dir_holding_another_run_is_refused(tiny_nvit, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    assert _run(["--nvit-model", tiny_nvit, "--out", out, *FAST]) == 2
+    assert "another nvit run" in capsys.readouterr().err
+
+
+def test_yaml_config_and_unknown_keys(tiny_nvit, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("target: 0.7\ngranularity: per-head\nbogus: 1\n")
+    assert _run(["--config", cfg, "--nvit-model", tiny_nvit, "--out", tmp_path / "r", *FAST]) == 2
+    assert "unknown settings ['bogus']" in capsys.readouterr().err
+    from nvit.prune import resolve_settings
+
+    cfg.write_text("target: 0.7\ngranularity: per-head\n")
+    s = resolve_settings(["--config", str(cfg), "--granularity", "aligned"])
+    assert s["target"] == 0.7 and s["granularity"] == "aligned"  # flags override the file
+
+
+def test_module_entry_point_help():
+    r = subprocess.run([sys.executable, "-m", "nvit.prune", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--target-metric" in r.stdout
