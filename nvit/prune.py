@@ -33,6 +33,7 @@ DEFAULTS = dict(
     model=None, checkpoint=None, nvit_model=None, data=None, img_size=None, in_chans=None,
     out=None, resume=None, config=None,
     target_metric="flops", target=0.4, granularity="aligned", eta=0.0, normalize="cost",
+    criterion="hessian", allocation="global",
     prune_every=10, prune_units=None, prune_epochs=1.5, finetune_epochs=2.5,
     lr=5e-4, finetune_lr=5e-4, min_lr_ratio=0.02, weight_decay=0.05, batch_size=64,
     temperature=3.0, distill_weight=0.5, label_smoothing=0.0, pad=2, flip=True,
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--granularity", choices=("aligned", "per-head"))
     g.add_argument("--eta", type=float, help="latency-aware term η (measures a latency table when > 0)")
     g.add_argument("--normalize", choices=("cost", "none"), help="rank by saliency per cost saved, or raw")
+    g.add_argument("--criterion", choices=("hessian", "magnitude"),
+                   help="structure score: Hessian saliency (NViT) or weight magnitude (baseline)")
+    g.add_argument("--allocation", choices=("global", "uniform"),
+                   help="one global ranking (NViT), or the same keep ratio in every block (baseline)")
     g.add_argument("--group-embed", type=int, help="embedding channels removed together")
     g.add_argument("--group-heads", type=int)
     g.add_argument("--group-qk", type=int)
@@ -401,7 +406,8 @@ class Run:
                           normalize=s["normalize"], eta=s["eta"], latency_table=table,
                           group_size={"embed": s["group_embed"], "head": s["group_heads"], "qk": s["group_qk"],
                                       "v": s["group_v"], "mlp": s["group_mlp"]},
-                          ema_momentum=s["ema_momentum"], deterministic=True)
+                          ema_momentum=s["ema_momentum"], deterministic=True, criterion=s["criterion"],
+                          allocation=s["allocation"])
         except TargetUnreachableError as e:
             raise RunError(str(e)) from None
 

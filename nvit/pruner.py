@@ -24,6 +24,7 @@ latency so η is unit-free).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -95,9 +96,13 @@ class Pruner:
     def __init__(self, model: nn.Module, target: Target | None = None, *, granularity: str = "aligned",
                  normalize: str = "cost", eta: float = 0.0, latency_table=None,
                  group_size: dict[str, int] | None = None, ema_momentum: float = 0.9,
-                 deterministic: bool = False):
+                 deterministic: bool = False, criterion: str = "hessian", allocation: str = "global"):
         if granularity not in GRANULARITIES:
             raise ValueError(f"nvit: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if criterion not in ("hessian", "magnitude"):
+            raise ValueError(f"nvit: criterion must be 'hessian' or 'magnitude', got {criterion!r}")
+        if allocation not in ("global", "uniform"):
+            raise ValueError(f"nvit: allocation must be 'global' or 'uniform', got {allocation!r}")
         if normalize not in ("cost", "none"):
             raise ValueError(f"nvit: normalize must be 'cost' or 'none', got {normalize!r}")
         if target is not None and target.metric == "latency" and latency_table is None:
@@ -107,6 +112,7 @@ class Pruner:
         self.model, self.target, self.granularity = model, target, granularity
         self.normalize, self.eta, self.table = normalize, float(eta), latency_table
         self.ema_momentum, self.deterministic = ema_momentum, deterministic
+        self.criterion, self.allocation = criterion, allocation
         gs = {k: 1 for k in KIND_NAMES}
         for k, v in (group_size or {}).items():
             if k not in gs or int(v) < 1:
@@ -213,6 +219,11 @@ class Pruner:
     # ---- saliency ------------------------------------------------------------------------------
     def accumulate(self) -> None:
         """Add this mini-batch's (Σ g·w)² of every structure into the score buffer (after backward)."""
+        if self.criterion == "magnitude":  # baseline: (Σ w²)² per unit, no gradient needed
+            w = [p.detach() for p in self.params]
+            saliency_accumulate(w, w, self.plan, self.scores, deterministic=self.deterministic)
+            self.n_batches += 1
+            return
         grads = []
         for i, p in enumerate(self.params):
             if p.grad is None:
@@ -340,6 +351,8 @@ class Pruner:
             raise ValueError("nvit: n_units must be ≥1")
         sal = self.step_scores()
         alive = self.unit_alive()
+        if self.allocation == "uniform":
+            return self._uniform_step(sal, alive, n_units)
         dc, lat = self._rank_terms()
         groups = self._groups(sal, dc, lat, alive)
         frac = self.fraction() if self.target else 1.0
@@ -366,6 +379,37 @@ class Pruner:
         info = PruneStepInfo(removed, frac, self.done, self.steps)
         self.history.append({"step": self.steps, "removed": removed, "fraction": frac})
         return info
+
+    def _uniform_step(self, sal: torch.Tensor, alive: torch.Tensor, n_units: int) -> PruneStepInfo:
+        """Baseline allocation: every (kind, block) bucket keeps the same fraction of its dense units
+        (the lowest-scored go), so all blocks keep the same shape; the fraction shrinks by n_units of
+        the whole model per step."""
+        U = self.units
+        total = U.num_units
+        keep = max(0.0, (int(alive.sum()) - n_units) / total)
+        kind, block = U.kind.tolist(), U.block.tolist()
+        buckets: dict[tuple, list[int]] = {}
+        for u in range(total):
+            buckets.setdefault((kind[u], block[u], int(U.head[u])), []).append(u)
+        removed = {k: 0 for k in KIND_NAMES}
+        for (k, b, h), us in buckets.items():
+            if k == QK and not self.adapter.qk_prunable:
+                continue
+            live = [u for u in us if alive[u]]
+            n_keep = max(1, math.ceil(keep * len(us)))
+            if len(live) <= n_keep:
+                continue
+            live.sort(key=lambda u: (float(sal[u]), u))
+            for u in live[: len(live) - n_keep]:
+                self._remove(u)
+                removed[KIND_NAMES[k]] += 1
+        self._refresh()
+        self.steps += 1
+        frac = self.fraction() if self.target else 1.0
+        if sum(removed.values()) == 0 and self.target and frac > self.target.fraction:
+            raise TargetUnreachableError(f"nvit: uniform pruning cannot go below {frac:.3f} of {self.target.metric}")
+        self.history.append({"step": self.steps, "removed": removed, "fraction": frac})
+        return PruneStepInfo(removed, frac, self.done, self.steps)
 
     def prune_to_target(self, n_per_step: int = 64) -> list[PruneStepInfo]:
         """One-shot: repeat prune steps on the saliency gathered so far until the target is met."""

@@ -179,3 +179,23 @@ def test_deit_small_end_to_end(gran, tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert (model(x) - back(x)).abs().max().item() <= 1e-4
+
+
+def test_baselines_uniform_allocation_and_magnitude_criterion():
+    model = tiny_vit("plain", embed_dim=32, depth=3, num_heads=4)
+    pruner = Pruner(model, Target("flops", 0.5), granularity="aligned", allocation="uniform")
+    _accumulate(pruner, model)
+    pruner.prune_to_target(n_per_step=64)
+    cfg = pruner.config()
+    assert pruner.fraction() <= 0.5
+    assert len({(b.heads, b.qk_dims[0], b.v_dims[0], b.mlp) for b in cfg.blocks}) == 1  # same shape everywhere
+
+    model = tiny_vit("plain", embed_dim=32, depth=3, num_heads=4)
+    pruner = Pruner(model, Target("flops", 0.5), criterion="magnitude", normalize="none")
+    pruner.accumulate()  # needs no gradient
+    w = pruner.adapter.model.blocks[0].mlp.fc2.weight.detach()
+    mlp0 = (pruner.units.kind == 4) & (pruner.units.block == 0)
+    expect = (w * w).sum(0).double() ** 2
+    assert torch.allclose(pruner.scores[mlp0].double(), expect, rtol=1e-4)
+    pruner.prune_to_target(n_per_step=32)
+    assert pruner.fraction() <= 0.5
