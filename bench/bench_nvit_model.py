@@ -121,7 +121,7 @@ ALL = 0
 CASES = ([("small", v, b, t) for v in ("uneven", "aligned", "full") for b in (1, 64) for t in (1, ALL)]
          + [("deit_s", v, 1, t) for v in ("uneven", "aligned", "full") for t in (1, ALL)]
          + [("deit_s", "uneven", 64, ALL)]
-         + [("deit_b", "uneven", 1, ALL)])
+         + [("deit_b", "uneven", 1, t) for t in (1, ALL)])
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 _BUILT: dict = {}
