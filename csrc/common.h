@@ -45,7 +45,11 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays Na
   return static_cast<uint16_t>(u >> 16);
 }
 
-inline float fp16_to_float(uint16_t h) { return static_cast<float>(*reinterpret_cast<const _Float16*>(&h)); }
+inline float fp16_to_float(uint16_t h) {
+  _Float16 f;
+  std::memcpy(&f, &h, sizeof f);  // memcpy, not a pointer cast: no strict-aliasing UB
+  return static_cast<float>(f);
+}
 
 inline uint16_t float_to_fp16(float f) {
   _Float16 h = static_cast<_Float16>(f);
