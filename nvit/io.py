@@ -22,17 +22,28 @@ class ModelFileError(ValueError):
     """A saved model directory is missing, corrupt or does not match its config."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file via a temp file in the same folder and a rename (never half-written)."""
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Produce `path` atomically: `write(tmp)` fills a temp file in the same folder, which is then
+    renamed over `path`, so readers never see a half-written file (and a failure leaves none)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be read by all
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def save(model: NViT, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

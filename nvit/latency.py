@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from .io import atomic_write_json
 from .model import BlockConfig, NViTBlock, NViTConfig
 
 __all__ = ["AXES", "LatencyGrid", "LatencyTable", "default_grid", "default_cache_dir", "device_name"]
@@ -174,24 +174,6 @@ def _key_hash(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    """Write to a temp file in the same folder, then os.replace: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _time_block(block: torch.nn.Module, x: torch.Tensor, *, warmup: int, repeats: int,
                 statistic: str = "median") -> float:
     """Median (or min) wall time (s) of one forward; synchronises the GPU around each timed call."""
@@ -284,7 +266,7 @@ class LatencyTable:
                     measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         table = cls(grid=grid, values=values, meta=meta)
         if use_cache:
-            _atomic_write_json(path, {"key": key, "table": table.to_dict()})
+            atomic_write_json(path, {"key": key, "table": table.to_dict()}, indent=1)
         return table
 
     @classmethod
@@ -363,7 +345,7 @@ class LatencyTable:
                    meta=dict(d.get("meta", {})))
 
     def save(self, path: str | os.PathLike) -> None:
-        _atomic_write_json(Path(path), self.to_dict())
+        atomic_write_json(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LatencyTable":

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from nvit_kernels.attention import uneven_attention
 

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,22 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nvit.io import atomic_write
 from nvit.datasets import EMBEDDED_MEAN, EMBEDDED_PATH, EMBEDDED_STD, load_embedded, make_loader
-from nvit.tiny_model import EMBEDDED_MODEL, build_model, load_weights
+from nvit.tiny_model import EMBEDDED_MODEL, build_model
 from nvit.training import augment, evaluate, lr_lambda  # noqa: F401  (re-exported for callers)
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; these are package data, meant to be read by all
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -178,8 +165,8 @@ def _run(args: argparse.Namespace, argv) -> dict:
         "command": "python -m nvit.pretrain " + " ".join(map(str, sys.argv[1:] if argv is None else argv)),
     }
     out = args.out
-    _atomic_write(out, lambda tmp: save_file(state16, tmp, metadata=meta))
-    _atomic_write(out.with_suffix(".json"),
+    atomic_write(out, lambda tmp: save_file(state16, tmp, metadata=meta))
+    atomic_write(out.with_suffix(".json"),
                   lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
     print(f"test top-1 {top1:.2f}% (fp32 before rounding {top1_fp32:.2f}%), trained in {train_time:.0f} s; "
           f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {out.with_suffix('.json')}", flush=True)

@@ -19,14 +19,14 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import yaml
+
+from .io import atomic_write, atomic_write_json
 
 SCHEMA_VERSION = 1
 DEFAULTS = dict(
@@ -287,21 +287,8 @@ def load_data(s: dict, model: torch.nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------
-def atomic_write_json(path: Path, obj) -> None:
-    from .io import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
 def atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def prepare_out_dir(s: dict) -> Path:
@@ -599,10 +586,7 @@ def run(s: dict) -> dict:
     nvio.save(nv, out / "model", overwrite=True)
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".masks.", suffix=".tmp")
-    os.close(fd)
-    save_file({k: v.to(torch.uint8) for k, v in masks.items()}, tmp)
-    os.replace(tmp, out / "masks.safetensors")
+    atomic_write(out / "masks.safetensors", lambda tmp: save_file({k: v.to(torch.uint8) for k, v in masks.items()}, tmp))
     plot_dims(dense_cfg, cfg, out / "dims.png", title=f"NViT ({s['granularity']}) — {s['target_metric']} "
                                                      f"target {s['target']}")
     atomic_write_json(out / "report.json", report)

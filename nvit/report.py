@@ -1,10 +1,9 @@
 """What a pruning run shows a person: the per-block dims plot and the closing summary."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from .io import atomic_write
 from .model import NViTConfig
 
 
@@ -29,14 +28,10 @@ def plot_dims(dense: NViTConfig, pruned: NViTConfig, path: Path, title: str = ""
     axes[0].legend(loc="lower left", fontsize=8)
     fig.suptitle(f"{title}   embedding {pruned.embed_dim}/{dense.embed_dim}".strip())
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def summary_text(report: dict, out: Path) -> str:

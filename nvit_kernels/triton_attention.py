@@ -15,7 +15,6 @@ fp32 inputs use IEEE fp32 dots (no TF32) so results match fp32 PyTorch matmul ac
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from nvit.prune import RunError, resolve_settings, run
-from nvit.io import atomic_write_text
+from nvit.io import atomic_write_json, atomic_write_text
 
 METHODS = {
     "hessian-aligned": ["--granularity", "aligned"],
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
                  f"and distillation for every method; extra flags: {' '.join(extra) or 'none'}.")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
-    atomic_write_text(out / "table.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write_json(out / "table.json", rows)
     print("\n".join(lines))
     return 0
 

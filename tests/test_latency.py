@@ -250,11 +250,15 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, fake_timer, monkeypatc
     (path,) = tmp_path.iterdir()
     before = path.read_bytes()
 
-    def failing_dump(obj, f, **kw):
-        f.write('{"key": ')  # a half-written file...
+    import nvit.io as nio
+
+    real_write_text = nio.Path.write_text
+
+    def failing_write(self, text, *a, **kw):
+        real_write_text(self, text[: len(text) // 2])  # a half-written temp file...
         raise OSError("disk full")  # ...then the write fails
 
-    monkeypatch.setattr(lat.json, "dump", failing_dump)
+    monkeypatch.setattr(nio.Path, "write_text", failing_write)
     with pytest.raises(OSError, match="disk full"):
         _measure(tmp_path, refresh=True)
     assert path.read_bytes() == before  # the old table is intact
@@ -264,7 +268,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, fake_timer, monkeypatc
     def failing_replace(src, dst):
         raise OSError("rename failed")
 
-    monkeypatch.setattr(lat.os, "replace", failing_replace)
+    monkeypatch.setattr(nio.os, "replace", failing_replace)
     with pytest.raises(OSError, match="rename failed"):
         LatencyTable(grid=TINY, values=np.ones(TINY.shape)).save(tmp_path / "x.json")
     assert list(tmp_path.iterdir()) == [path]  # save() cleans up its temp file too

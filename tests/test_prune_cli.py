@@ -12,7 +12,6 @@ import nvit
 from nvit.prune import main
 from nvit.structures import ViTAdapter
 from nvit.training import evaluate
-from _vit_factory import tiny_vit  # noqa: F401  (same helpers as the engine tests)
 
 FAST = ["--train-limit", "48", "--eval-limit", "40", "--batch-size", "8", "--prune-epochs", "1",
         "--finetune-epochs", "1", "--prune-every", "2", "--latency-batch", "2", "--no-progress",
