@@ -289,8 +289,9 @@ def test_real_tiny_measurement_on_cpu(tmp_path):
         LatencyTable.measure(TINY, tokens=5, batch_size=2, repeats=0, use_cache=False, progress=False)
 
 
-def test_time_block_statistics_skip_warmup():
-    import time as _time
+def test_time_block_statistics_skip_warmup(monkeypatch):
+    clock = [0.0]  # a fake clock: each forward "takes" its delay, so the test does not depend on load
+    monkeypatch.setattr(lat.time, "perf_counter", lambda: clock[0])
 
     class Sleeper(torch.nn.Module):  # warmup calls are slow; then one fast call among slow ones
         def __init__(self, delays):
@@ -298,9 +299,9 @@ def test_time_block_statistics_skip_warmup():
             self.delays = list(delays)
 
         def forward(self, x):
-            _time.sleep(self.delays.pop(0))
+            clock[0] += self.delays.pop(0)
             return x
 
     x = torch.zeros(1)
-    assert lat._time_block(Sleeper([0.3, 0.3, 0.02, 0.0, 0.02]), x, warmup=2, repeats=3) >= 0.02
-    assert lat._time_block(Sleeper([0.3, 0.02, 0.0, 0.02]), x, warmup=1, repeats=3, statistic="min") < 0.01
+    assert lat._time_block(Sleeper([0.3, 0.3, 0.02, 0.0, 0.02]), x, warmup=2, repeats=3) == pytest.approx(0.02)
+    assert lat._time_block(Sleeper([0.3, 0.02, 0.0, 0.02]), x, warmup=1, repeats=3, statistic="min") == 0.0
