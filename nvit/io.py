@@ -56,6 +56,7 @@ def save(model: NViT, path: str | os.PathLike, *, overwrite: bool = False) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes a private folder; a saved model is meant to be shared
         cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

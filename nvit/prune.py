@@ -590,7 +590,8 @@ def run(s: dict) -> dict:
     plot_dims(dense_cfg, cfg, out / "dims.png", title=f"NViT ({s['granularity']}) — {s['target_metric']} "
                                                      f"target {s['target']}")
     atomic_write_json(out / "report.json", report)
-    (out / "checkpoint.pt").unlink(missing_ok=True)
+    for f in ("checkpoint.pt", "pruning.pt"):  # resume state: the run is complete now
+        (out / f).unlink(missing_ok=True)
     text = summary_text(report, out)
     print(text)
     return report
