@@ -383,30 +383,49 @@ class Pruner:
     def _uniform_step(self, sal: torch.Tensor, alive: torch.Tensor, n_units: int) -> PruneStepInfo:
         """Baseline allocation: every (kind, block) bucket keeps the same fraction of its dense units
         (the lowest-scored go), so all blocks keep the same shape; the fraction shrinks by n_units of
-        the whole model per step."""
+        the whole model per step, and the last step stops at the largest fraction that meets the target."""
         U = self.units
-        total = U.num_units
-        keep = max(0.0, (int(alive.sum()) - n_units) / total)
-        kind, block = U.kind.tolist(), U.block.tolist()
+        kind, block, head = U.kind.tolist(), U.block.tolist(), U.head.tolist()
         buckets: dict[tuple, list[int]] = {}
-        for u in range(total):
-            buckets.setdefault((kind[u], block[u], int(U.head[u])), []).append(u)
-        removed = {k: 0 for k in KIND_NAMES}
-        for (k, b, h), us in buckets.items():
-            if k == QK and not self.adapter.qk_prunable:
-                continue
-            live = [u for u in us if alive[u]]
-            n_keep = max(1, math.ceil(keep * len(us)))
-            if len(live) <= n_keep:
-                continue
-            live.sort(key=lambda u: (float(sal[u]), u))
-            for u in live[: len(live) - n_keep]:
+        for u in range(U.num_units):
+            buckets.setdefault((kind[u], block[u], head[u]), []).append(u)
+        order = {key: sorted((u for u in us if alive[u]), key=lambda u: (float(sal[u]), u))
+                 for key, us in buckets.items() if not (key[0] == QK and not self.adapter.qk_prunable)}
+
+        def plan(keep: float) -> list[int]:  # units to remove so each bucket keeps ceil(keep · dense size)
+            out = []
+            for key, live in order.items():
+                n_keep = max(1, math.ceil(keep * len(buckets[key])))
+                out += live[: max(0, len(live) - n_keep)]
+            return out
+
+        def frac_after(units: list[int]) -> float:
+            saved = self.masks.clone()
+            for u in units:
                 self._remove(u)
-                removed[KIND_NAMES[k]] += 1
+            f = self.fraction()
+            self.masks = saved
+            return f
+
+        keep = max(0.0, (int(alive.sum()) - n_units) / U.num_units)
+        chosen = plan(keep)
+        if self.target and frac_after(chosen) < self.target.fraction:  # would overshoot: bisect the ratio
+            lo, hi = keep, int(alive.sum()) / U.num_units
+            for _ in range(20):
+                mid = (lo + hi) / 2
+                if frac_after(plan(mid)) <= self.target.fraction:
+                    lo = mid
+                else:
+                    hi = mid
+            chosen = plan(lo)
+        removed = {k: 0 for k in KIND_NAMES}
+        for u in chosen:
+            self._remove(u)
+            removed[KIND_NAMES[kind[u]]] += 1
         self._refresh()
         self.steps += 1
         frac = self.fraction() if self.target else 1.0
-        if sum(removed.values()) == 0 and self.target and frac > self.target.fraction:
+        if not chosen and self.target and frac > self.target.fraction:
             raise TargetUnreachableError(f"nvit: uniform pruning cannot go below {frac:.3f} of {self.target.metric}")
         self.history.append({"step": self.steps, "removed": removed, "fraction": frac})
         return PruneStepInfo(removed, frac, self.done, self.steps)

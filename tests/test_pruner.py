@@ -210,7 +210,7 @@ def test_baselines_uniform_allocation_and_magnitude_criterion():
     _accumulate(pruner, model)
     pruner.prune_to_target(n_per_step=64)
     cfg = pruner.config()
-    assert pruner.fraction() <= 0.5
+    assert 0.45 <= pruner.fraction() <= 0.5  # meets the target without overshooting it
     assert len({(b.heads, b.qk_dims[0], b.v_dims[0], b.mlp) for b in cfg.blocks}) == 1  # same shape everywhere
 
     model = tiny_vit("plain", embed_dim=32, depth=3, num_heads=4)
