@@ -580,7 +580,7 @@ def run(s: dict) -> dict:
                          "blocks": [dataclasses.asdict(b) for b in cfg.blocks]},
         "prune_steps": history, "units_per_step": getattr(r, "n_units", None),
         "settings": s,
-        "timings": {**r.timings, "total_s": round(time.time() - t_start + r.timings.get("resumed_s", 0.0), 2)},
+        "timings": {**r.timings, "total_s": round(time.time() - t_start, 2)},
         "kernels": _kernels(),
     }
     nvio.save(nv, out / "model", overwrite=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -73,16 +73,6 @@ class _Group:
     head: int
     rank: float
     cost: float = 0.0
-
-
-@dataclass
-class PrunerState:
-    masks: dict
-    ema: torch.Tensor | None
-    scores: torch.Tensor
-    n_batches: int
-    steps: int
-    history: list = field(default_factory=list)
 
 
 class Pruner:
