@@ -368,6 +368,18 @@ class Run:
                  "nvit_config": None if phase != "finetune" else model.config.to_dict()}
         atomic_torch_save(state, self.out / "checkpoint.pt")
 
+    @staticmethod
+    def _restore(ck: dict | None, phase: str, model, opt, **more) -> int:
+        """Load a checkpoint of `phase` into model, optimizer and `more` (checkpoint key → object);
+        returns the iteration to continue from (0 without one)."""
+        if ck is None or ck["phase"] != phase:
+            return 0
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        for key, obj in more.items():
+            obj.load_state_dict(ck[key])
+        return ck["iteration"]
+
     def _maybe_stop(self, it_total: int) -> None:
         if self.s["stop_after"] is not None and it_total >= self.s["stop_after"]:
             raise StopRequested(it_total)
@@ -410,12 +422,7 @@ class Run:
         planned = max(1, math.ceil(s["prune_epochs"] * self.prune_stream.per_epoch))
         n_units = s["prune_units"] or self._auto_units(pruner, planned)  # from the dense model, also on resume
         self.n_units = n_units
-        start = 0
-        if ck is not None and ck["phase"] == "prune":
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            pruner.load_state_dict(ck["pruner"])
-            start = ck["iteration"]
+        start = self._restore(ck, "prune", model, opt, pruner=pruner)
         t0 = time.time() - self.timings.get("prune_s", 0.0)
         it = start
         bar = tqdm(total=planned, initial=start, desc="prune", disable=not s["progress"])
@@ -468,12 +475,7 @@ class Run:
         total = max(1, math.ceil(s["finetune_epochs"] * self.ft_stream.per_epoch)) if s["finetune_epochs"] else 0
         warm = min(total, max(1, total // 10))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(total, 1), warm, s["min_lr_ratio"]))
-        start = 0
-        if ck is not None and ck["phase"] == "finetune":
-            nv.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            start = ck["iteration"]
+        start = self._restore(ck, "finetune", nv, opt, scheduler=sched)
         t0 = time.time() - self.timings.get("finetune_s", 0.0)
         bar = tqdm(total=total, initial=start, desc="fine-tune", disable=not s["progress"])
         loss_avg = None

@@ -123,6 +123,7 @@ class Pruner:
         self.steps = 0
         self.history: list[dict] = []
         self._pm = self.adapter.prepared_param_masks(self.masks)
+        self._fraction_cache: dict[str, float] = {}
         self.dense_config = self.config()
         self.dense_cost = {m: self._metric(m, self.dense_config) for m in METRICS if m != "latency" or self.table}
         if target is not None:
@@ -147,8 +148,11 @@ class Pruner:
         return float(self.table.model_latency(cfg))
 
     def fraction(self, metric: str | None = None) -> float:
+        """Current metric / dense metric; cached until the masks change (training loops ask often)."""
         metric = metric or self.target.metric
-        return self._metric(metric, self.config()) / self.dense_cost[metric]
+        if metric not in self._fraction_cache:
+            self._fraction_cache[metric] = self._metric(metric, self.config()) / self.dense_cost[metric]
+        return self._fraction_cache[metric]
 
     @property
     def done(self) -> bool:
@@ -393,7 +397,8 @@ class Pruner:
             saved = self.masks.clone()
             for u in units:
                 self._remove(u)
-            f = self.fraction()
+            m = self.target.metric
+            f = self._metric(m, self.config()) / self.dense_cost[m]  # not fraction(): its cache is for the real masks
             self.masks = saved
             return f
 
@@ -430,6 +435,7 @@ class Pruner:
         return infos
 
     def _refresh(self) -> None:
+        self._fraction_cache.clear()
         self.adapter.install_norms(self.masks)
         self._pm = self.adapter.prepared_param_masks(self.masks)
         self.apply_masks()

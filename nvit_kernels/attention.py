@@ -87,6 +87,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _head_qkv(qkv: Tensor, start: int, dq: int, dv: int, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v of the head whose columns start at `start`, in the accumulation dtype."""
+    return (qkv[..., start:start + dq].to(acc), qkv[..., start + dq:start + 2 * dq].to(acc),
+            qkv[..., start + 2 * dq:start + 2 * dq + dv].to(acc))
+
+
 # --------------------------------------------------------------------------------------------------
 # Reference backend: one matmul chain per head in fp32 (fp64 for fp64 input). Runs anywhere.
 # --------------------------------------------------------------------------------------------------
@@ -95,10 +101,7 @@ def _reference_forward(qkv: Tensor, qk_dims, v_dims, scales) -> Tensor:
     in_off, _ = _head_offsets(qk_dims, v_dims)
     outs = []
     for h, (dq, dv, s) in enumerate(zip(qk_dims, v_dims, scales)):
-        o = in_off[h]
-        q = qkv[..., o:o + dq].to(acc)
-        k = qkv[..., o + dq:o + 2 * dq].to(acc)
-        v = qkv[..., o + 2 * dq:o + 2 * dq + dv].to(acc)
+        q, k, v = _head_qkv(qkv, in_off[h], dq, dv, acc)
         p = torch.softmax((q @ k.transpose(-1, -2)) * s, dim=-1)
         outs.append((p @ v).to(qkv.dtype))
     return torch.cat(outs, dim=-1)
@@ -109,10 +112,7 @@ def _reference_backward(grad_out: Tensor, qkv: Tensor, qk_dims, v_dims, scales) 
     in_off, out_off = _head_offsets(qk_dims, v_dims)
     grads = []
     for h, (dq, dv, s) in enumerate(zip(qk_dims, v_dims, scales)):
-        o = in_off[h]
-        q = qkv[..., o:o + dq].to(acc)
-        k = qkv[..., o + dq:o + 2 * dq].to(acc)
-        v = qkv[..., o + 2 * dq:o + 2 * dq + dv].to(acc)
+        q, k, v = _head_qkv(qkv, in_off[h], dq, dv, acc)
         do = grad_out[..., out_off[h]:out_off[h] + dv].to(acc)
         p = torch.softmax((q @ k.transpose(-1, -2)) * s, dim=-1)
         dv_ = p.transpose(-1, -2) @ do
@@ -300,7 +300,6 @@ def uneven_attention_reference(qkv: Tensor, qk_dims: Sequence[int], v_dims: Sequ
     in_off, _ = _head_offsets(qk_dims, v_dims)
     outs = []
     for h, (dq, dv, s) in enumerate(zip(qk_dims, v_dims, scales)):
-        o = in_off[h]
-        q, k, v = x[..., o:o + dq], x[..., o + dq:o + 2 * dq], x[..., o + 2 * dq:o + 2 * dq + dv]
+        q, k, v = _head_qkv(x, in_off[h], dq, dv, torch.float64)
         outs.append(torch.softmax((q @ k.transpose(-1, -2)) * float(s), dim=-1) @ v)
     return torch.cat(outs, dim=-1)

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import _head_offsets
 from .dispatch import triton_interpreter
 
 LOG2E = 1.4426950408889634
@@ -241,12 +242,7 @@ def _tables(heads, qk_dims, v_dims, scales, device):
         return hit
     if len(_TABLES) > 256:
         _TABLES.clear()
-    in_off, out_off, a, o = [], [], 0, 0
-    for q, v in zip(qk_dims, v_dims):
-        in_off.append(a)
-        out_off.append(o)
-        a += 2 * q + v
-        o += v
+    in_off, out_off = _head_offsets(qk_dims, v_dims)
     ints = torch.tensor([[in_off[h] for h in heads], [out_off[h] for h in heads], [qk_dims[h] for h in heads],
                          [v_dims[h] for h in heads]], dtype=torch.int32).to(device)
     sc = torch.tensor([scales[h] for h in heads], dtype=torch.float32).to(device)
