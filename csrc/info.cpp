@@ -10,7 +10,13 @@
 
 namespace py = pybind11;
 
+#ifndef NVIT_SOURCE_DIGEST
+#define NVIT_SOURCE_DIGEST ""
+#endif
+
 void register_info(py::module_& m) {
+  // Which sources this binary was compiled from (see nvit_kernels/_sources.py).
+  m.attr("source_digest") = std::string(NVIT_SOURCE_DIGEST);
 #ifdef NVIT_WITH_CUDA
   m.attr("cuda_compiled") = true;
   m.attr("cuda_archs") = std::string(NVIT_CUDA_ARCHS);

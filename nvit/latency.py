@@ -152,9 +152,8 @@ def default_cache_dir() -> Path:
 
 def _attention_backend(device: torch.device) -> str:
     from nvit_kernels import dispatch
-    with warnings.catch_warnings():  # a fallback warning belongs to the measurement, not to key building
-        warnings.simplefilter("ignore")
-        return dispatch.select("attention", device)
+
+    return dispatch.resolve("attention", device)  # silent: a fallback notice belongs to the measurement
 
 
 def cache_key(grid: LatencyGrid, *, tokens: int, batch_size: int, dtype: torch.dtype,

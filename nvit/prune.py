@@ -510,6 +510,9 @@ def run(s: dict) -> dict:
     from .report import plot_dims, summary_text
     from .training import evaluate
 
+    # Which kernels will run, said before anything is read or written (and an error if the compiled
+    # extension exists but cannot load: that would silently cost the whole speedup).
+    print(f"nvit.prune: {kernels_line(_kernels(torch.device(s['device'])))}", flush=True)
     out = prepare_out_dir(s)
     if s["resume"]:
         saved = json.loads((out / "run.json").read_text())
@@ -583,7 +586,7 @@ def run(s: dict) -> dict:
         "prune_steps": history, "units_per_step": getattr(r, "n_units", None),
         "settings": s,
         "timings": {**r.timings, "total_s": round(time.time() - t_start, 2)},
-        "kernels": _kernels(),
+        "kernels": _kernels(dev),
     }
     nvio.save(nv, out / "model", overwrite=True)
     from safetensors.torch import save_file
@@ -605,11 +608,20 @@ def _device_desc(dev: torch.device) -> str:
     return f"{dev.type}: {device_name(dev)}, {torch.get_num_threads()} threads" if dev.type == "cpu" else device_name(dev)
 
 
-def _kernels() -> dict:
-    from nvit_kernels import dispatch
+def _kernels(dev: torch.device) -> dict:
+    """The backends that run (or ran) the ops on `dev`; a RunError if the compiled extension exists but
+    cannot load (it would cost the whole speedup; NVIT_ALLOW_REFERENCE=1 accepts the fallback)."""
+    from nvit_kernels.info import backends
 
-    return {"saliency": dispatch.select("saliency", torch.device("cpu")),
-            "attention": dispatch.select("attention", torch.device("cpu"))}
+    try:
+        return backends(dev)
+    except RuntimeError as e:
+        raise RunError(str(e).removeprefix("nvit: ")) from None
+
+
+def kernels_line(k: dict) -> str:
+    ext = k["extension"] or f"no compiled extension: {k.get('extension_error', '')}"
+    return f"kernels: saliency {k['saliency']}, attention {k['attention']} ({ext})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,8 @@ def summary_text(report: dict, out: Path) -> str:
                      f" | {b['mlp']}")
     lines.append(f"  embedding {report['architecture']['embed_dim']}/{report['architecture']['dense_embed_dim']}; "
                  f"took {report['timings'].get('total_s', 0):.0f} s")
+    k = report["kernels"]
+    lines.append(f"  kernels: saliency {k['saliency']}, attention {k['attention']} (extension {k['extension_state']})")
     lines.append(f"  wrote {out}/report.json, {out}/model/ (nvit.load), {out}/dims.png")
     return "\n".join(lines)
 

@@ -2,14 +2,20 @@
 
 CUDA tensors: Triton or the CUDA kernels (``NVIT_CUDA_BACKEND=triton|cuda`` or
 :func:`set_cuda_backend`; Triton by default). CPU tensors: the C++ kernels. When the preferred
-backend is unavailable the next one runs, and a warning says so once per (op, backend) pair.
-Tests and benchmarks force a backend with :func:`use_backend`.
+backend is unavailable the next one runs, and a warning says so once per (op, backend) pair --
+unless the preferred backend is the compiled extension and that extension exists but cannot be
+loaded (see ``_native``): then selecting raises, unless ``NVIT_ALLOW_REFERENCE=1``.
+Tests and benchmarks force a backend with :func:`use_backend`; :func:`used` tells which backends
+the ops actually ran on (what a run reports).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import importlib.util
 import os
+import re
 import threading
 import warnings
 
@@ -21,10 +27,27 @@ BACKENDS = ("triton", "cuda", "cpp", "reference")
 _state = threading.local()
 _cuda_backend = os.environ.get("NVIT_CUDA_BACKEND", "triton")
 _warned: set[tuple[str, str]] = set()
+_used: dict[str, dict[str, set[str]]] = {}  # op -> device type -> backends selected
+
+
+# The oldest Triton the Triton kernels are verified with: Triton 3.0/3.1 (paired with torch 2.4/2.5)
+# compute wrong results in their CPU interpreter even for a trivial kernel, so nothing vouches for them.
+TRITON_MIN = (3, 2)
 
 
 def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def triton_status() -> tuple[bool, str]:
+    """(whether the installed Triton can run nvit's Triton kernels, why not)."""
+    if not triton_importable():
+        return False, "triton is not installed"
+    v = importlib.metadata.version("triton")
+    if tuple(int(x) for x in re.findall(r"\d+", v)[:2]) < TRITON_MIN:
+        return False, f"triton {v} is older than {'.'.join(map(str, TRITON_MIN))}, the oldest nvit's kernels are tested with"
+    return True, ""
 
 
 def triton_interpreter() -> bool:
@@ -63,17 +86,19 @@ def can_run(backend: str, device: torch.device) -> tuple[bool, str]:
     if backend == "cpp":
         if device.type != "cpu":
             return False, "the C++ kernels take CPU tensors"
-        return (_native.available(), f"extension not built ({_native.LOAD_ERROR})")
+        return (_native.available(), f"extension not loaded: {_native.LOAD_ERROR}")
     if backend == "cuda":
         if device.type != "cuda":
             return False, "the CUDA kernels take CUDA tensors"
         if not _native.cuda_compiled():
-            return False, "extension built without CUDA" if _native.available() else "extension not built"
+            return False, ("extension built without CUDA" if _native.available()
+                           else f"extension not loaded: {_native.LOAD_ERROR}")
         n, why = _native.cuda_device_count()
         return (n > 0, f"the extension's CUDA runtime sees no device ({why})")
     if backend == "triton":
-        if not triton_importable():
-            return False, "triton is not installed"
+        ok, why = triton_status()
+        if not ok:
+            return False, why
         if device.type == "cuda":
             return True, ""
         if device.type == "cpu" and triton_interpreter():
@@ -90,25 +115,49 @@ def _warn_once(op: str, wanted: str, why: str, chosen: str) -> None:
                   RuntimeWarning, stacklevel=3)
 
 
-def select(op: str, device: torch.device) -> str:
-    """The backend that runs `op` for tensors on `device`."""
+def preference(device: torch.device) -> list[str]:
+    """Backends for tensors on `device`, fastest first (the reference always runs)."""
+    if device.type == "cuda":
+        return [_cuda_backend, "cuda" if _cuda_backend == "triton" else "triton", "reference"]
+    return ["cpp", "reference"]
+
+
+def _choose(op: str, device: torch.device) -> tuple[str, str]:
+    """(backend, why the preferred one cannot run -- '' when it runs or was forced)."""
     forced = getattr(_state, "forced", None)
     if forced is not None:
         ok, why = can_run(forced, device)
         if not ok:
             raise RuntimeError(f"nvit: {op}: backend {forced!r} cannot run here: {why}")
-        return forced
-    if device.type == "cuda":
-        order = [_cuda_backend, "cuda" if _cuda_backend == "triton" else "triton", "reference"]
-    else:
-        order = ["cpp", "reference"]
+        return forced, ""
+    order = preference(device)
     first_why = ""
     for i, b in enumerate(order):
         ok, why = can_run(b, device)
         if ok:
-            if i > 0:
-                _warn_once(op, order[0], first_why, b)
-            return b
+            if i > 0 and order[0] in ("cpp", "cuda"):
+                _native.require_loaded()  # a built extension that cannot load is an error, not a notice
+            return b, first_why
         if i == 0:
             first_why = why
-    return "reference"  # unreachable: the reference always runs
+    return "reference", first_why  # unreachable: the reference always runs
+
+
+def resolve(op: str, device: torch.device) -> str:
+    """The backend that would run `op` for tensors on `device` (raises like :func:`select`, silent)."""
+    return _choose(op, device)[0]
+
+
+def select(op: str, device: torch.device) -> str:
+    """The backend that runs `op` for tensors on `device` now: a fallback is announced once, and the
+    choice is recorded for :func:`used`."""
+    b, why = _choose(op, device)
+    if why:
+        _warn_once(op, preference(device)[0], why, b)
+    _used.setdefault(op, {}).setdefault(device.type, set()).add(b)
+    return b
+
+
+def used() -> dict[str, dict[str, list[str]]]:
+    """{op: {device type: [backends]}} of every call selected in this process so far."""
+    return {op: {d: sorted(bs) for d, bs in per_dev.items()} for op, per_dev in _used.items()}

@@ -30,14 +30,37 @@ def info() -> dict:
         "cuda_device_count": n_dev,
         "cuda_device_reason": "" if n_dev > 0 else why,
         "triton_importable": triton_version is not None,
+        "triton_usable": dispatch.triton_status()[0],  # new enough for nvit's Triton kernels
         "triton_version": triton_version,
         "triton_interpreter": dispatch.triton_interpreter(),
         "torch": torch.__version__,
         "torch_cuda_available": torch.cuda.is_available(),
         "extension": getattr(_native._C, "__file__", None),
+        "extension_state": _native.STATE,  # loaded | absent (torch-only install) | broken (see error)
         "extension_error": _native.LOAD_ERROR,
+        "extension_source_digest": getattr(_native._C, "source_digest", None),
+        "fallback_allowed": _native.fallback_allowed(),
         "cuda_backend_default": dispatch._cuda_backend,
     }
+
+
+OPS = ("saliency", "attention")
+
+
+def backends(device: torch.device) -> dict:
+    """What runs nvit's ops on `device`: the backends used so far in this process (or, for an op not
+    yet called, the one that would run) and the extension's state. Raises RuntimeError, naming the
+    cause, when a compiled extension exists but cannot load (unless NVIT_ALLOW_REFERENCE=1)."""
+    used = dispatch.used()
+    out = {}
+    for op in OPS:
+        seen = used.get(op, {}).get(device.type)
+        out[op] = "+".join(seen) if seen else dispatch.resolve(op, device)
+    out["extension"] = getattr(_native._C, "__file__", None)
+    out["extension_state"] = _native.STATE
+    if _native.LOAD_ERROR:
+        out["extension_error"] = _native.LOAD_ERROR
+    return out
 
 
 def main() -> int:
