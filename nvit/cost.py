@@ -219,7 +219,9 @@ def _register_flop_formulas() -> None:
             continue  # the forward op is required (model.py calls it); the backward op is optional
         packet = getattr(torch.ops.nvit, name)
         if packet not in flop_counter.flop_registry:  # a reloaded module must not register twice
-            flop_counter.register_flop_formula(packet)(formula)
+            wrapped = flop_counter.register_flop_formula(packet)(formula)
+            # torch < 2.5 files the formula under the op's overloads but looks it up by the packet.
+            flop_counter.flop_registry.setdefault(packet, wrapped)
 
 
 _register_flop_formulas()

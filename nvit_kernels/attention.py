@@ -210,7 +210,9 @@ def _cuda_forward(qkv, qk_dims, v_dims, scales):
 # --------------------------------------------------------------------------------------------------
 # Custom ops. The output shape follows from the int lists, so the fake impls need no data.
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("nvit::uneven_attention", mutates_args=())
+# Explicit schemas: torch < 2.5 cannot infer them from postponed (string) annotations.
+@torch.library.custom_op("nvit::uneven_attention", mutates_args=(),
+                         schema="(Tensor qkv, int[] qk_dims, int[] v_dims, float[] scales) -> Tensor")
 def _uneven_attention_op(qkv: Tensor, qk_dims: Sequence[int], v_dims: Sequence[int],
                          scales: Sequence[float]) -> Tensor:
     _check(qkv, qk_dims, v_dims, scales)
@@ -223,7 +225,9 @@ def _(qkv, qk_dims, v_dims, scales):
     return qkv.new_empty((qkv.shape[0], qkv.shape[1], sum(int(v) for v in v_dims)))
 
 
-@torch.library.custom_op("nvit::uneven_attention_backward", mutates_args=())
+@torch.library.custom_op("nvit::uneven_attention_backward", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor qkv, Tensor out, int[] qk_dims, int[] v_dims, "
+                                "float[] scales) -> Tensor")
 def _uneven_attention_backward_op(grad_out: Tensor, qkv: Tensor, out: Tensor, qk_dims: Sequence[int],
                                   v_dims: Sequence[int], scales: Sequence[float]) -> Tensor:
     """Gradient w.r.t. qkv (same layout as qkv). `out` is the forward's output (saves a softmax pass)."""
@@ -254,18 +258,34 @@ _uneven_attention_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
+def _private_probes():
+    """torch internals the eager fast path reads to know nothing is watching, or None where this torch
+    lacks one of them (then every call goes through the op: correct, only ~30 µs slower a call)."""
+    try:
+        return (torch._C._len_torch_dispatch_stack, torch._C._is_torch_function_mode_enabled,
+                torch._C._functorch.is_functorch_wrapped_tensor, torch.autograd._profiler_enabled)
+    except AttributeError:
+        return None
+
+
+_PROBES = _private_probes()
+
+
 def _plain_eager(qkv) -> bool:
     """Whether calling the op's implementation directly is indistinguishable from the op: a plain
     tensor needing no autograd, and nothing (compiler, tracer, profiler, dispatch/function mode such
     as FlopCounterMode, functorch transform) that must see ``torch.ops.nvit.uneven_attention``."""
+    if _PROBES is None:
+        return False
+    dispatch_depth, function_mode, functorch_wrapped, profiling = _PROBES
     return (type(qkv) is Tensor
             and not (qkv.requires_grad and torch.is_grad_enabled())
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
-            and not torch.autograd._profiler_enabled()  # so torch.profiler lists the op
-            and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._is_torch_function_mode_enabled()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(qkv))
+            and not profiling()  # so torch.profiler lists the op
+            and dispatch_depth() == 0
+            and not function_mode()
+            and not functorch_wrapped(qkv))
 
 
 def uneven_attention(qkv: Tensor, qk_dims: Sequence[int], v_dims: Sequence[int],

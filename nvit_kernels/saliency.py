@@ -335,7 +335,10 @@ def _run_triton(weights, grads, meta, index, scores, deterministic: bool) -> Non
 
 # --------------------------------------------------------------------------------------- the op
 
-@torch.library.custom_op("nvit::saliency_accumulate", mutates_args=("scores",))
+# Explicit schema: torch < 2.5 cannot infer it from postponed (string) annotations.
+@torch.library.custom_op("nvit::saliency_accumulate", mutates_args=("scores",),
+                         schema="(Tensor[] weights, Tensor[] grads, Tensor meta, Tensor index, Tensor(a!) scores, "
+                                "bool deterministic) -> ()")
 def _saliency_op(weights: list[Tensor], grads: list[Tensor], meta: Tensor, index: Tensor, scores: Tensor,
                  deterministic: bool) -> None:
     numels, U = _plan_facts(meta)

@@ -13,7 +13,10 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton")
+from nvit_kernels import dispatch  # noqa: E402
+
+if not dispatch.triton_status()[0]:
+    pytest.skip(dispatch.triton_status()[1], allow_module_level=True)
 
 
 def _run_checks() -> list[dict]:

@@ -1,5 +1,4 @@
 """A converted NViT model (uneven per-head dims) gives the same outputs through every attention backend."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,6 +7,7 @@ import pytest
 import torch
 
 from nvit.structures import ViTAdapter
+from nvit_kernels import dispatch
 from nvit_kernels.dispatch import use_backend
 from _vit_factory import random_masks, tiny_vit
 
@@ -56,7 +56,7 @@ def _triton_check():
     print("ok", err)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.skipif(not dispatch.triton_status()[0], reason=dispatch.triton_status()[1])
 def test_nvit_model_through_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     code = "import sys; sys.path.insert(0, sys.argv[1]); import test_nvit_backends as t; t._triton_check()"

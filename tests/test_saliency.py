@@ -292,7 +292,7 @@ needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none h
 GPU_BACKENDS = [
     pytest.param("cuda", marks=pytest.mark.skipif(not dispatch.cuda_native_usable(),
                                                   reason="CUDA kernels not built or no device")),
-    pytest.param("triton", marks=pytest.mark.skipif(not dispatch.triton_importable(), reason="no triton")),
+    pytest.param("triton", marks=pytest.mark.skipif(not dispatch.triton_status()[0], reason=dispatch.triton_status()[1])),
     "reference",
 ]
 

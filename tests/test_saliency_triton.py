@@ -26,7 +26,7 @@ in_interp = pytest.mark.skipif(not INTERP, reason="runs in the TRITON_INTERPRET=
 
 
 @pytest.mark.skipif(INTERP, reason="already inside the interpreter run")
-@pytest.mark.skipif(not dispatch.triton_importable(), reason="triton is not installed")
+@pytest.mark.skipif(not dispatch.triton_status()[0], reason=dispatch.triton_status()[1])
 def test_triton_interpreter_cases():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
@@ -118,7 +118,7 @@ def test_single_tensor_plan():
 
 
 @pytest.mark.skipif(INTERP, reason="compiles for a GPU target; the interpreter run checks the numbers")
-@pytest.mark.skipif(not dispatch.triton_importable(), reason="triton is not installed")
+@pytest.mark.skipif(not dispatch.triton_status()[0], reason=dispatch.triton_status()[1])
 @pytest.mark.slow
 def test_tile_kernel_compiles_for_gpu():
     """Lower the tile kernel to a cubin for sm_80 without a GPU: the interpreter accepts code that
