@@ -1,5 +1,6 @@
-"""pytest collects bench/bench_*.py as test modules (`pytest bench/ --benchmark-only`), and the
-benchmarks can `import roofline` from this folder."""
+"""pytest collects bench/bench_*.py as test modules (`pytest bench/ --benchmark-only`), the benchmarks
+can `import roofline` from this folder, and the run ends with a table of each benchmark's claim and
+figure (the ratios in extra_info), so the conclusions are on the terminal, not only microseconds."""
 from __future__ import annotations
 
 import os
@@ -15,3 +16,36 @@ def pytest_collect_file(file_path, parent):
     if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
+
+
+# The figure each benchmark reports, the claim it tests and its target: (extra_info key, claim, target).
+CLAIMS = (
+    ("fraction_of_roofline", "saliency pass: fraction of the copy roofline", ">= 0.70"),
+    ("speedup_vs_eager", "saliency pass: speedup vs eager PyTorch", "> 1"),
+    ("speedup_vs_padded", "uneven attention: speedup vs padding + SDPA", "> 1"),
+    ("time_vs_flop_prop_sdpa_only", "uneven attention: time / FLOP-proportional SDPA time", "<= 1.2"),
+    ("speedup_vs_flops", "converted NViT: speedup / FLOPs reduction", ">= 0.85"),
+    ("prune_overhead", "prune step: extra time vs a plain timm training step", "<= 0.03"),
+    ("images_per_s", "data path: training images/s", "grows with workers"),
+    ("speedup_vs_0_workers", "data path: speedup of workers over 0", "> 1"),
+)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    benches = getattr(session, "benchmarks", None) or []
+    rows = []
+    for b in benches:
+        info = getattr(b, "extra_info", {}) or {}
+        for key, claim, target in CLAIMS:
+            if key in info:
+                v = info[key]
+                rows.append((b.name, claim, f"{v:.3f}" if isinstance(v, float) else str(v), target))
+    if not rows:
+        return
+    w = [max(len(r[i]) for r in rows + [("benchmark", "claim", "figure", "target")]) for i in range(4)]
+    tr = terminalreporter
+    tr.write_sep("=", "nvit: claims and figures")
+    tr.write_line("  ".join(h.ljust(w[i]) for i, h in enumerate(("benchmark", "claim", "figure", "target"))))
+    for r in rows:
+        tr.write_line("  ".join(c.ljust(w[i]) for i, c in enumerate(r)))

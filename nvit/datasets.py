@@ -1,4 +1,5 @@
-"""Data loading: the embedded Fashion-MNIST subset shipped in nvit/data, and users' own image folders via timm.
+"""Datasets: the embedded Fashion-MNIST subset shipped in nvit/data, and users' own image folders via timm
+(their transforms come from nvit.inputs).
 
 The embedded subset is small (a few MB) and held in memory as tensors, so loading it is instant and needs no workers.
 Regenerate it with `python scripts/make_fashion_subset.py` (see nvit/data/README.md).
@@ -8,11 +9,10 @@ from __future__ import annotations
 import functools
 import zipfile
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 EMBEDDED_PATH = DATA_DIR / "fashion_mnist_subset.npz"
@@ -89,41 +89,18 @@ def _find_split_dir(root: Path, split: str) -> Path:
                             f"found folders {present})")
 
 
-def load_image_folder(root: str | Path, split: str, img_size: int, in_chans: int,
-                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                      is_training: bool | None = None, crop_pct: float = 1.0, **transform_kwargs) -> Dataset:
-    """A user's image folder (root/<split>/<class>/*.png|jpg) through timm's dataset and transform pipeline.
-
-    in_chans 1 reads images as grayscale ("L"), 3 as RGB. mean/std default to the embedded statistics for one
-    channel and to ImageNet's for three. is_training defaults to split == "train" (random-resized-crop + flip);
-    extra keyword arguments go to timm.data.create_transform.
-    """
-    from timm.data import create_dataset, create_transform, resolve_data_config
+def image_folder(root: str | Path, split: str, transform, input_img_mode: str) -> Dataset:
+    """root/<split>/<class>/<image> read by timm's folder reader with `transform` (a clear error if empty)."""
+    from timm.data import create_dataset
 
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder root {root} does not exist or is not a folder")
-    if in_chans not in (1, 3):
-        raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
     split_dir = _find_split_dir(root, split)
-    if mean is None or std is None:
-        defaults = ((EMBEDDED_MEAN,), (EMBEDDED_STD,)) if in_chans == 1 else (None, None)
-        mean = mean if mean is not None else defaults[0]
-        std = std if std is not None else defaults[1]
-    cfg_args = {"input_size": (in_chans, img_size, img_size), "crop_pct": crop_pct}
-    if mean is not None:
-        mean, std = tuple(mean), tuple(std)
-        if len(mean) not in (1, in_chans) or len(std) not in (1, in_chans):
-            raise ValueError(f"mean/std need 1 or {in_chans} values, got {mean} / {std}")
-        cfg_args["mean"], cfg_args["std"] = mean, std  # timm repeats a single value over the channels
-    cfg = resolve_data_config(cfg_args)
-    if is_training is None:
-        is_training = split == "train"
-    transform = create_transform(**cfg, is_training=is_training, **transform_kwargs)
     empty = ValueError(f"image folder {split_dir} holds no images (expected <class>/<image> files)")
     try:
-        ds = create_dataset("", root=str(split_dir), search_split=False,
-                            input_img_mode="L" if in_chans == 1 else "RGB", transform=transform)
+        ds = create_dataset("", root=str(split_dir), search_split=False, input_img_mode=input_img_mode,
+                            transform=transform)
     except RuntimeError as e:  # timm's folder reader raises RuntimeError("Found 0 images ...")
         if "Found 0 images" in str(e):
             raise empty from e
@@ -131,23 +108,3 @@ def load_image_folder(root: str | Path, split: str, img_size: int, in_chans: int
     if len(ds) == 0:
         raise empty
     return ds
-
-
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
-                drop_last: bool = False) -> DataLoader:
-    """DataLoader whose order depends only on `seed` (its own generator, not the global RNG)."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers,
-                      drop_last=drop_last, worker_init_fn=_seed_worker if num_workers else None,
-                      persistent_workers=False)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # Workers get torch seeds derived from the loader generator; keep numpy/random in step with them.
-    import random
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)

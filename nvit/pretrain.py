@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nvit import engine
 from nvit.io import atomic_write
-from nvit.datasets import EMBEDDED_MEAN, EMBEDDED_PATH, EMBEDDED_STD, load_embedded, make_loader
+from nvit.datasets import EMBEDDED_MEAN, EMBEDDED_PATH, EMBEDDED_STD, load_embedded
+from nvit.loader import pad_crop_flip, train_loader
 from nvit.tiny_model import EMBEDDED_MODEL, build_model
-from nvit.training import augment, evaluate, lr_lambda  # noqa: F401  (re-exported for callers)
+from nvit.training import evaluate, lr_lambda  # noqa: F401  (re-exported for callers)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,33 +89,31 @@ def _run(args: argparse.Namespace, argv) -> dict:
                                    ("num_heads", args.num_heads), ("mlp_ratio", args.mlp_ratio)) if v is not None}
     config = {**EMBEDDED_MODEL, **overrides}
     model = build_model(**overrides, drop_path_rate=args.drop_path)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(q.numel() for q in model.parameters())
 
     train_ds = load_embedded("train", path=args.data, limit=args.limit_train)
     test_ds = load_embedded("test", path=args.data, limit=args.limit_test)
-    loader = make_loader(train_ds, args.batch_size, shuffle=True, seed=args.seed, drop_last=len(train_ds) > args.batch_size)
-    aug_gen = torch.Generator().manual_seed(args.seed + 1)
-
-    # No weight decay on biases, norms, position embedding and class token (DeiT / timm convention).
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    total = args.epochs * len(loader)
-    warmup = min(total, max(1, round(args.warmup_epochs * len(loader))))
+    # The engine's pieces: deterministic per-sample augmentation in a DataLoader, optimizer groups.
+    steps = max(1, len(train_ds) // args.batch_size)
+    total = args.epochs * steps
+    loader = train_loader(train_ds, global_batch=args.batch_size, seed=args.seed, phase="pretrain",
+                          iterations=total, transform=pad_crop_flip(args.pad, not args.no_flip,
+                                                                    fill=(0.0 - EMBEDDED_MEAN) / EMBEDDED_STD))
+    opt = engine.make_optimizer(model, args.lr, args.weight_decay)
+    warmup = min(total, max(1, round(args.warmup_epochs * steps)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, args.min_lr_ratio))
 
     print(f"nvit.pretrain: {n_params / 1e6:.3f} M params, {len(train_ds)} train / {len(test_ds)} test images, "
-          f"{args.epochs} epochs x {len(loader)} steps, threads {torch.get_num_threads()}", flush=True)
+          f"{args.epochs} epochs x {steps} steps, threads {torch.get_num_threads()}", flush=True)
     t0 = time.time()
     history = []
+    batches = iter(loader)
     for epoch in range(args.epochs):
         model.train()
         loss_sum, seen = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.no_progress)
-        for x, y in bar:
-            x = augment(x, args.pad, aug_gen, flip=not args.no_flip)
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.no_progress)
+        for _ in bar:
+            x, y = next(batches)
             loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()

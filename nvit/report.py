@@ -1,10 +1,75 @@
-"""What a pruning run shows a person: the per-block dims plot and the closing summary."""
+"""What a pruning run writes and shows a person: report.json, the saved model, masks, the per-block
+dims plot and the closing summary (rank 0 writes; every rank takes part in nothing here but waits)."""
 from __future__ import annotations
 
+import dataclasses
+import math
+import time
 from pathlib import Path
 
-from .io import atomic_write
+import torch
+
+from .io import atomic_write, atomic_write_json
 from .model import NViTConfig
+
+
+def finish(r, nv, pruning: dict, *, dense_top1: float, top1: float, t_start: float, kernels: dict) -> dict | None:
+    """Measure latency, write the outputs and print the summary (rank 0); returns the report there."""
+    from . import io as nvio
+    from .cost import count_flops, count_params
+    from .inputs import input_shape
+    from .latency import device_name, measure_model_latency
+
+    s, out, dev = r.s, r.out, r.device
+    if not r.p.main:
+        r.p.barrier()  # rank 0 measures and writes
+        return None
+    dense_cfg = NViTConfig.from_dict(pruning["dense_config"])
+    shape = input_shape(r.dense)
+    lat = {"dense": math.inf, "pruned": math.inf}
+    with r.precision.autocast():  # latency in the precision of the run
+        for _ in range(3):  # interleaved rounds, best median of each: fair under background load
+            for name, m in (("dense", r.dense), ("pruned", nv)):
+                lat[name] = min(lat[name], measure_model_latency(m, shape, batch_size=s["latency_batch"],
+                                                                 device=dev, warmup=2, repeats=5))
+    cfg = nv.config
+    dev_desc = (f"{dev.type}: {device_name(dev)}, {torch.get_num_threads()} threads" if dev.type == "cpu"
+                else device_name(dev))
+    report = {
+        "schema": 2,
+        "model": r.provenance, "teacher": r.teacher_desc, "data": r.data_desc,
+        "dense": {"params": count_params(dense_cfg), "flops": count_flops(dense_cfg),
+                  "latency_s": lat["dense"], "top1": dense_top1},
+        "pruned": {"params": count_params(cfg), "flops": count_flops(cfg), "latency_s": lat["pruned"],
+                   "top1": top1, "top1_before_finetune": pruning["masked_top1"]},
+        "latency": {"batch_size": s["latency_batch"], "device": dev_desc, "dtype": str(r.precision.tensor_dtype)
+                    .removeprefix("torch."), "statistic": "median"},
+        "precision": {"amp": s["amp"], "master_weights": "float32"},
+        "processes": {"world_size": r.p.world, "backend": ("nccl" if dev.type == "cuda" else "gloo")
+                      if r.p.distributed else None, "workers_per_rank": r.workers,
+                      "global_batch": s["batch_size"]},
+        "ratios": {"params": count_params(dense_cfg) / count_params(cfg),
+                   "flops": count_flops(dense_cfg) / count_flops(cfg), "speedup": lat["dense"] / lat["pruned"]},
+        "architecture": {"embed_dim": cfg.embed_dim, "dense_embed_dim": dense_cfg.embed_dim,
+                         "blocks": [dataclasses.asdict(b) for b in cfg.blocks]},
+        "prune_steps": pruning["history"], "units_per_step": getattr(r, "n_units", None),
+        "settings": s,
+        "timings": {**r.timings, "total_s": round(time.time() - t_start, 2)},
+        "kernels": kernels,
+    }
+    nvio.save(nv, out / "model", overwrite=True)
+    from safetensors.torch import save_file
+
+    masks = pruning["masks"]
+    atomic_write(out / "masks.safetensors", lambda tmp: save_file({k: v.to(torch.uint8) for k, v in masks.items()}, tmp))
+    plot_dims(dense_cfg, cfg, out / "dims.png", title=f"NViT ({s['granularity']}) — {s['target_metric']} "
+                                                     f"target {s['target']}")
+    atomic_write_json(out / "report.json", report)
+    for f in ("checkpoint.pt", "pruning.pt"):  # resume state: the run is complete now
+        (out / f).unlink(missing_ok=True)
+    print(summary_text(report, out))
+    r.p.barrier()
+    return report
 
 
 def plot_dims(dense: NViTConfig, pruned: NViTConfig, path: Path, title: str = "") -> None:
@@ -46,7 +111,7 @@ def summary_text(report: dict, out: Path) -> str:
         f"  {'pruned':10s}{p['params'] / 1e6:>11.3f}M{p['flops'] / 1e9:>10.3f}{p['latency_s'] * 1e3:>10.2f}ms"
         f"{p['top1']:>8.2f}%",
         f"  {r['params']:.2f}× fewer params, {r['flops']:.2f}× fewer FLOPs, {r['speedup']:.2f}× faster "
-        f"(batch {lat['batch_size']}, {lat['device']})",
+        f"(batch {lat['batch_size']}, {lat['dtype']}, {lat['device']})",
         f"  top-1 change {p['top1'] - d['top1']:+.2f} points (before fine-tuning {p['top1_before_finetune']:.2f}%)",
         "  per block (heads | QK per head | V per head | MLP):",
     ]

@@ -1,4 +1,4 @@
-"""The embedded Fashion-MNIST subset, the seeded loader, timm image folders and the subset-making script."""
+"""The embedded Fashion-MNIST subset, timm image folders and the subset-making script."""
 import gzip
 import importlib.util
 import struct
@@ -74,23 +74,6 @@ def test_missing_and_corrupt_file(tmp_path):
         D.load_embedded("train", path=wrong)
 
 
-def _order(seed, shuffle=True):
-    ds = torch.utils.data.TensorDataset(torch.arange(50))
-    return torch.cat([b[0] for b in D.make_loader(ds, batch_size=7, shuffle=shuffle, seed=seed)]).tolist()
-
-
-def test_loader_order_is_seeded():
-    torch.manual_seed(123)
-    a = _order(0)
-    torch.manual_seed(456)  # the global RNG must not matter
-    assert _order(0) == a
-    assert _order(1) != a
-    assert sorted(a) == list(range(50))
-    assert _order(0, shuffle=False) == list(range(50))
-    with pytest.raises(ValueError, match="batch_size"):
-        D.make_loader(torch.utils.data.TensorDataset(torch.arange(3)), 0, shuffle=False)
-
-
 def _write_pngs(root: Path, split: str, classes=("cat", "dog"), per_class=3, size=(20, 16)):
     from PIL import Image
     rng = np.random.default_rng(0)
@@ -102,40 +85,37 @@ def _write_pngs(root: Path, split: str, classes=("cat", "dog"), per_class=3, siz
             Image.fromarray(arr).save(d / f"{i}.png")
 
 
+def _eval_tf(c, size):
+    from timm.data import create_transform
+
+    return create_transform(input_size=(c, size, size), is_training=False, mean=(0.5,) * c, std=(0.25,) * c)
+
+
 def test_image_folder_grayscale_and_rgb(tmp_path):
     _write_pngs(tmp_path, "train")
     _write_pngs(tmp_path, "validation", per_class=2)
-    ds = D.load_image_folder(tmp_path, "train", img_size=28, in_chans=1)
+    ds = D.image_folder(tmp_path, "train", _eval_tf(1, 28), "L")
     assert len(ds) == 6
     x, y = ds[0]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32
     assert sorted(int(ds[i][1]) for i in range(len(ds))) == [0, 0, 0, 1, 1, 1]
-    val = D.load_image_folder(tmp_path, "val", img_size=24, in_chans=3)  # "val" finds "validation"
+    val = D.image_folder(tmp_path, "val", _eval_tf(3, 24), "RGB")  # "val" finds "validation"
     assert len(val) == 4
     v0 = val[0][0]
     assert v0.shape == (3, 24, 24)
     assert torch.equal(v0, val[0][0])  # eval transform is deterministic
-    batch = next(iter(D.make_loader(val, batch_size=4, shuffle=False)))
-    assert batch[0].shape == (4, 3, 24, 24) and batch[1].tolist() == [0, 0, 1, 1]
+    assert [int(val[i][1]) for i in range(4)] == [0, 0, 1, 1]
 
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        D.load_image_folder(tmp_path / "missing", "train", 28, 1)
+        D.image_folder(tmp_path / "missing", "train", _eval_tf(1, 28), "L")
     _write_pngs(tmp_path, "train", per_class=1)
     with pytest.raises(FileNotFoundError, match="no 'val' folder"):
-        D.load_image_folder(tmp_path, "val", 28, 1)
+        D.image_folder(tmp_path, "val", _eval_tf(1, 28), "L")
     (tmp_path / "test" / "empty_class").mkdir(parents=True)
     with pytest.raises(ValueError, match="no images"):
-        D.load_image_folder(tmp_path, "test", 28, 1)
-    with pytest.raises(ValueError, match="in_chans"):
-        D.load_image_folder(tmp_path, "train", 28, 2)
-    with pytest.raises(ValueError, match="mean/std"):
-        D.load_image_folder(tmp_path, "train", 28, 3, mean=(0.5, 0.5), std=(0.5, 0.5))
-    with pytest.raises(ValueError, match="mean/std"):
-        D.load_image_folder(tmp_path, "train", 28, 1, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
-    x = D.load_image_folder(tmp_path, "train", 28, 3, mean=(0.5,), std=(0.25,))[0][0]
-    assert x.shape == (3, 28, 28)
+        D.image_folder(tmp_path, "test", _eval_tf(1, 28), "L")
 
 
 def _script():

@@ -61,22 +61,27 @@ def test_tiny_pretrain_writes_loadable_and_reproducible_weights(tmp_path):
         load_weights(build_model(**{**TINY, "embed_dim": 32}), tmp_path / "a.safetensors")
 
 
-def test_augment_crop_and_flip():
-    g = torch.Generator().manual_seed(0)
+def test_pad_crop_flip():
+    from nvit.loader import pad_crop_flip
+
     x = torch.randn(6, 1, 28, 28)
-    assert torch.equal(pretrain.augment(x, 0, g, flip=False), x)
-    y = pretrain.augment(x, 2, torch.Generator().manual_seed(1), flip=False)
+    bg = (0.0 - pretrain.EMBEDDED_MEAN) / pretrain.EMBEDDED_STD
+
+    def draw(f, seed):
+        torch.manual_seed(seed)
+        return torch.stack([f(x[i]) for i in range(6)])
+
+    assert torch.equal(draw(pad_crop_flip(0, False, bg), 0), x)
+    y = draw(pad_crop_flip(2, False, bg), 1)
     assert y.shape == x.shape
     # Every output is a 28x28 window of the padded input (padding = normalised black).
-    bg = (0.0 - pretrain.EMBEDDED_MEAN) / pretrain.EMBEDDED_STD
     xp = torch.nn.functional.pad(x, (2, 2, 2, 2), value=bg)
     for i in range(6):
         assert any(torch.equal(y[i, 0], xp[i, 0, dy:dy + 28, dx:dx + 28]) for dy in range(5) for dx in range(5))
-    f = pretrain.augment(x, 0, torch.Generator().manual_seed(2), flip=True)
+    f = draw(pad_crop_flip(0, True, bg), 2)
     flipped = [torch.equal(f[i], x[i].flip(-1)) for i in range(6)]
     assert all(flipped[i] or torch.equal(f[i], x[i]) for i in range(6)) and 0 < sum(flipped) < 6
-    again = pretrain.augment(x, 2, torch.Generator().manual_seed(1), flip=False)
-    assert torch.equal(again, y)
+    assert torch.equal(draw(pad_crop_flip(2, False, bg), 1), y)  # the seed fixes the draws
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -1,0 +1,275 @@
+"""The training engine shared by `nvit.prune` and `nvit.pretrain`: processes (torchrun / DDP), precision
+(torch.amp), optimizer groups, the distillation step, sharded evaluation and checkpoints.
+
+One process (``python -m …``) or many (``torchrun --nproc-per-node N -m …``; multi-node too): the
+environment torchrun sets decides. Ranks use NCCL on CUDA and gloo on CPU; the local rank picks the
+GPU, the global rank the role (rank 0 alone prints and writes).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .io import atomic_write
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Processes:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (float64)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
+        if self.distributed:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def gather_objects(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+def start_processes(device: str) -> Processes:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), or run alone. `device` is "cpu",
+    "cuda" (each rank its LOCAL_RANK's GPU) or "cuda:i" (one process only)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device}: torch sees no CUDA device")
+        if world > 1 and dev.index is not None:
+            raise RuntimeError(f"--device {device} names one GPU, but torchrun started {world} processes: "
+                               f"give --device cuda (each rank takes its LOCAL_RANK's GPU)")
+        dev = torch.device("cuda", local if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
+    return Processes(rank=rank, world=world, local_rank=local, device=dev)
+
+
+def stop_processes(p: Processes) -> None:
+    if p.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model: torch.nn.Module, p: Processes) -> torch.nn.Module:
+    """The model as DDP when several ranks train it (gradients are averaged over ranks in backward)."""
+    if not p.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [p.device.index] if p.device.type == "cuda" else None
+    return DDP(model, device_ids=ids, broadcast_buffers=False)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(
+        model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------------------
+class Precision:
+    """autocast for forward passes (fp32 master weights) and, for fp16, a GradScaler."""
+
+    def __init__(self, amp: str, device: torch.device):
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"--amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+        self.name, self.dtype, self.device = amp, AMP_DTYPES[amp], device
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @property
+    def tensor_dtype(self) -> torch.dtype:
+        return self.dtype or torch.float32
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale(self, opt: torch.optim.Optimizer) -> bool:
+        """Unscale the gradients in place (fp16) so they are the true ones; whether all are finite.
+        A step whose gradients overflowed is skipped by the scaler and must not feed the saliency."""
+        if self.scaler is None:
+            return True
+        self.scaler.unscale_(opt)
+        grads = [q.grad for g in opt.param_groups for q in g["params"] if q.grad is not None]
+        return bool(torch.stack([g.detach().abs().amax().float() for g in grads]).isfinite().all()) if grads else True
+
+    def step(self, opt: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            opt.step()
+        else:
+            self.scaler.step(opt)
+            self.scaler.update()
+
+    def state_dict(self) -> dict | None:
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------------------
+def no_weight_decay(name: str, p: torch.Tensor) -> bool:
+    """Biases, norms, tokens and position embeddings take no weight decay (DeiT / timm convention)."""
+    return p.ndim <= 1 or name.endswith("_token") or name.endswith("pos_embed")
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    decay, skip = [], []
+    for name, p in unwrap(model).named_parameters():
+        if p.requires_grad:
+            (skip if no_weight_decay(name, p) else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": skip, "weight_decay": 0.0}], lr=lr)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, p: Processes | None = None, *, batch_size: int = 250,
+             precision: Precision | None = None, workers: int = 0, progress: bool = False) -> float:
+    """Top-1 (%) over the whole `dataset`, each rank on its contiguous shard, counts summed."""
+    from torch.utils.data import DataLoader, Subset
+    from tqdm import tqdm
+
+    from .loader import shard_range
+
+    p = p or Processes()
+    m = unwrap(model)
+    was_training = m.training
+    m.eval()
+    shard = Subset(dataset, shard_range(len(dataset), p.rank, p.world))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=p.device.type == "cuda")
+    correct = 0
+    ctx = precision.autocast() if precision is not None else contextlib.nullcontext()
+    with ctx:
+        for x, y in tqdm(loader, desc="eval", leave=False, disable=not (progress and p.main)):
+            out = m(x.to(p.device, non_blocking=True))
+            correct += (out.argmax(-1).cpu() == y).sum().item()
+    m.train(was_training)
+    total_correct, total = p.sum([correct, len(shard)])
+    return 100.0 * total_correct / max(total, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------
+def kl_soft(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)); T² keeps the gradient scale independent of T."""
+    return F.kl_div(F.log_softmax(student.float() / T, dim=-1), F.log_softmax(teacher.float() / T, dim=-1),
+                    reduction="batchmean", log_target=True) * (T * T)
+
+
+def distillation_loss(student, teacher, target: torch.Tensor, *, temperature: float, weight: float,
+                      label_smoothing: float = 0.0, hard_teacher: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 − weight)·CE + weight·T²·KL to the teacher.
+
+    A student (or teacher) given as a pair (class head, distillation head) -- a DeiT distilled model in
+    distilled training -- gets the paper's losses (NViT Eq. 8-9): CE on the class head; KL of each head to
+    the teacher's matching head (or to its single output); and, when `hard_teacher` logits are given,
+    hard-label CE from them on the distillation head instead of its KL (DeiT's hard distillation).
+    """
+    if not isinstance(student, tuple):
+        ce = F.cross_entropy(student.float(), target, label_smoothing=label_smoothing)
+        if weight == 0.0:
+            return ce
+        t = (teacher[0] + teacher[1]) / 2 if isinstance(teacher, tuple) else teacher
+        return (1.0 - weight) * ce + weight * kl_soft(student, t, temperature)
+    cls_out, dist_out = student
+    t_cls, t_dist = teacher if isinstance(teacher, tuple) else (teacher, teacher)
+    ce = F.cross_entropy(cls_out.float(), target, label_smoothing=label_smoothing)
+    cls_term = (1.0 - weight) * ce + weight * kl_soft(cls_out, t_cls, temperature)
+    if hard_teacher is not None:
+        dist_term = F.cross_entropy(dist_out.float(), hard_teacher.argmax(-1))
+    else:
+        dist_term = kl_soft(dist_out, t_dist, temperature)
+    return (cls_term + dist_term) / 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints and agreement
+# --------------------------------------------------------------------------------------------------
+def save_checkpoint(state: dict, path: Path, p: Processes) -> None:
+    """Rank 0 writes (atomically: temp file + rename); every rank waits for it."""
+    if p.main:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    p.barrier()
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class RanksDisagree(RuntimeError):
+    pass
+
+
+def check_agreement(what: str, tensors: dict[str, torch.Tensor], p: Processes) -> None:
+    """All ranks must hold identical `tensors` (e.g. the prune masks): compare digests, else raise."""
+    if not p.distributed:
+        return
+    digests = p.gather_objects(tensors_digest(tensors))
+    if len(set(digests)) > 1:
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise RanksDisagree(f"ranks disagree on the {what}: rank(s) {differ} differ from rank 0 "
+                            f"(digests {[d[:12] for d in digests]}); stopping rather than training different models")

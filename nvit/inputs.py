@@ -1,0 +1,254 @@
+"""What a run reads: the model to prune, its teachers and the data (datasets and their transforms).
+
+Models: a timm name with a local checkpoint, timm's ``local-dir:FOLDER`` (config.json + weights), a saved
+NViT model, or the embedded default. Data: the embedded subset, an image folder, or any map-style
+dataset timm's ``create_dataset`` reads (e.g. ``hfds/NAME``), with timm's transforms.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .settings import RunError
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+def read_state_dict(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            for key in ("model", "state_dict", "model_ema"):
+                if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                    state = state[key]
+                    break
+    except Exception as e:  # torch/safetensors raise many types for a bad file
+        raise RunError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RunError(f"checkpoint {path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v.float() for k, v in state.items()}
+
+
+def _classifier_names(model: torch.nn.Module) -> list[str]:
+    """The classifier module(s) timm names in the model's pretrained config ('head', 'head.fc', …)."""
+    c = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
+    return list(c) if isinstance(c, (tuple, list)) else [c]
+
+
+def shape_overrides(name: str, state: dict, s: dict) -> dict:
+    """create_model kwargs the checkpoint fixes: classifier width (any timm head layout) and depth."""
+    import timm
+
+    probe = timm.create_model(name, pretrained=False, num_classes=7)  # only for its config's names
+    kw = {}
+    for head in _classifier_names(probe):
+        if f"{head}.weight" in state:
+            kw["num_classes"] = state[f"{head}.weight"].shape[0]
+            break
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if blocks and len(getattr(probe, "blocks", ())) not in (0, max(blocks) + 1):
+        kw["depth"] = max(blocks) + 1  # a ViT trained at another depth
+    if s.get("img_size"):
+        kw["img_size"] = s["img_size"]
+    if s.get("in_chans"):
+        kw["in_chans"] = s["in_chans"]
+    return kw
+
+
+def load_timm_model(spec: str, checkpoint: str | None, s: dict, what: str = "--model") -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, provenance) from a timm name + checkpoint or a local-dir:FOLDER."""
+    import timm
+
+    if spec.startswith("local-dir:"):
+        folder = Path(spec.removeprefix("local-dir:"))
+        if not (folder / "config.json").is_file():
+            raise RunError(f"{what} {spec}: no config.json in {folder} (timm's hub layout: config.json with "
+                           f"'architecture' and 'model_args', plus model.safetensors or pytorch_model.bin)")
+        kw = {k: s[k] for k in ("img_size", "in_chans") if s.get(k)}
+        try:
+            model = timm.create_model(spec, pretrained=True, **kw)
+        except Exception as e:  # timm raises RuntimeError/KeyError/FileNotFoundError for bad folders
+            raise RunError(f"{what} {spec} cannot be built ({type(e).__name__}: {e})") from None
+        return model.eval(), {"source": "timm-local-dir", "model": spec}
+    if not timm.is_model(spec):
+        close = timm.list_models(f"*{spec.split('_')[0]}*")[:8]
+        raise RunError(f"{what}: unknown timm model {spec!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    ck = Path(checkpoint)
+    if not ck.is_file():
+        raise RunError(f"checkpoint {ck} not found")
+    state = read_state_dict(ck)
+    try:
+        model = timm.create_model(spec, pretrained=False, **shape_overrides(spec, state, s))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (RuntimeError, TypeError) as e:
+        raise RunError(f"checkpoint {ck} does not fit {spec}: {e}") from None
+    if missing or unexpected:
+        raise RunError(f"checkpoint {ck} does not fit {spec}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval(), {"source": "timm", "model": spec, "checkpoint": str(ck)}
+
+
+def load_dense_model(s: dict) -> tuple[torch.nn.Module, dict]:
+    """The model to prune (eval mode) and its provenance."""
+    if s["nvit_model"]:
+        import nvit
+
+        p = Path(s["nvit_model"])
+        if not p.exists():
+            raise RunError(f"--nvit-model {p} does not exist")
+        try:
+            return nvit.load(p), {"source": "nvit", "path": str(p)}
+        except ValueError as e:
+            raise RunError(str(e)) from None
+    if s["model"]:
+        return load_timm_model(s["model"], s["checkpoint"], s)
+    from .tiny_model import EMBEDDED_MODEL, WEIGHTS_PATH, create_embedded_model
+
+    return create_embedded_model(pretrained=True), {"source": "embedded", "model": "nvit.tiny_model",
+                                                    "config": EMBEDDED_MODEL, "checkpoint": WEIGHTS_PATH.name}
+
+
+def load_teachers(s: dict, dense: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None, dict]:
+    """(soft teacher, hard-label teacher or None, provenance); frozen, eval mode. Default soft teacher: a
+    copy of the dense model."""
+    import copy
+
+    if s["teacher"]:
+        teacher, prov = load_timm_model(s["teacher"], s["teacher_checkpoint"], {}, "--teacher")
+    else:
+        teacher, prov = copy.deepcopy(dense), {"source": "dense model"}
+    hard, hard_prov = None, None
+    if s["hard_teacher"]:
+        hard, hard_prov = load_timm_model(s["hard_teacher"], s["hard_teacher_checkpoint"], {}, "--hard-teacher")
+        hard.eval().requires_grad_(False)
+    return teacher.eval().requires_grad_(False), hard, {"soft": prov, "hard": hard_prov}
+
+
+def input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    from .model import NViT
+
+    if isinstance(model, NViT):
+        c = model.config
+        return c.in_chans, c.img_size, c.img_size
+    pe = model.patch_embed
+    img = pe.img_size if isinstance(pe.img_size, (tuple, list)) else (pe.img_size, pe.img_size)
+    return pe.proj.in_channels, img[0], img[1]
+
+
+def check_teacher_input(teacher: torch.nn.Module, student_shape: tuple[int, int, int], what: str) -> None:
+    """The teacher must take the student's images (same channels and size), checked before any work."""
+    x = torch.zeros(1, *student_shape)
+    try:
+        with torch.no_grad():
+            teacher.eval()(x)
+    except Exception as e:
+        raise RunError(f"{what} cannot take the student's {student_shape[0]}×{student_shape[1]}×{student_shape[2]} "
+                       f"images ({type(e).__name__}: {e})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+STREAMING = ("wds/", "hfids/", "tfds/")
+
+
+def data_config(s: dict, model: torch.nn.Module) -> dict:
+    """Preprocessing facts (input size, mean/std, crop, interpolation): the model's pretrained config,
+    overridden by the flags."""
+    from timm.data import resolve_data_config
+
+    C, H, W = input_shape(model)
+    args = {"input_size": (s["in_chans"] or C, s["img_size"] or H, s["img_size"] or W)}
+    for k in ("crop_pct", "interpolation", "mean", "std"):
+        if s[k] is not None:
+            args[k] = s[k]
+    for k in ("mean", "std"):
+        if s[k] is not None and len(s[k]) not in (1, args["input_size"][0]):
+            raise RunError(f"--{k} needs 1 or {args['input_size'][0]} values, got {list(s[k])}")
+    cfg = resolve_data_config(args, model=model)
+    if (s["in_chans"] or C) == 1 and s["mean"] is None:
+        from .datasets import EMBEDDED_MEAN, EMBEDDED_STD
+
+        cfg["mean"], cfg["std"] = (EMBEDDED_MEAN,), (EMBEDDED_STD,)  # grayscale: not ImageNet's RGB stats
+    return cfg
+
+
+def augmentation(s: dict) -> str:
+    return s["augment"] if s["augment"] != "auto" else ("pad-crop" if not s["data"] else "timm")
+
+
+def load_data(s: dict, model: torch.nn.Module):
+    """(train dataset, test dataset, per-sample train transform or None, description).
+
+    Datasets return (tensor, label); random train transforms draw from torch/random/numpy global RNGs,
+    which the loader seeds per sample (nvit.loader), so batches are reproducible."""
+    from .datasets import EMBEDDED_MEAN, EMBEDDED_STD, load_embedded
+    from .loader import pad_crop_flip
+
+    aug = augmentation(s)
+    C, H, _ = input_shape(model)
+    extra = None
+    if not s["data"]:
+        if (s["in_chans"] or C, s["img_size"] or H) != (1, 28):
+            raise RunError(f"the embedded data is 1×28×28 but the model takes {C}×{H}×{H}; give --data")
+        if aug == "timm":
+            raise RunError("--augment timm needs image data (--data); the embedded tensors take pad-crop or none")
+        train, test = load_embedded("train", limit=s["train_limit"]), load_embedded("test", limit=s["eval_limit"])
+        desc = {"kind": "embedded", "name": "Fashion-MNIST subset"}
+        if aug == "pad-crop":
+            extra = pad_crop_flip(s["pad"], s["flip"], fill=(0.0 - EMBEDDED_MEAN) / EMBEDDED_STD)
+    else:
+        cfg = data_config(s, model)
+        train, test, desc = _timm_datasets(s, cfg, aug)
+        if aug == "pad-crop":
+            extra = pad_crop_flip(s["pad"], s["flip"], fill=0.0)  # after normalisation: the mean colour
+        if s["train_limit"]:
+            train = torch.utils.data.Subset(train, range(min(len(train), s["train_limit"])))
+        if s["eval_limit"]:
+            test = torch.utils.data.Subset(test, range(min(len(test), s["eval_limit"])))
+        desc["preprocessing"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    desc.update(n_train=len(train), n_test=len(test), augmentation=aug)
+    return train, test, extra, desc
+
+
+def _timm_datasets(s: dict, cfg: dict, aug: str):
+    from timm.data import create_dataset, create_transform
+
+    from .datasets import image_folder
+
+    mode = "L" if cfg["input_size"][0] == 1 else "RGB"
+    train_tf = (create_transform(**cfg, is_training=True, scale=s["scale"], ratio=s["ratio"], hflip=s["hflip"],
+                                 auto_augment=s["aa"], re_prob=s["reprob"]) if aug == "timm"
+                else create_transform(**cfg, is_training=False))
+    eval_tf = create_transform(**cfg, is_training=False)
+    data = s["data"]
+    if data.startswith(STREAMING):
+        raise RunError(f"--data {data}: streaming datasets ({', '.join(STREAMING)}) have no fixed order by "
+                       f"(seed, iteration), which resume and multi-rank determinism need; use an image folder "
+                       f"or a map-style dataset (hfds/…)")
+    if "/" in data and not Path(data).exists() and data.split("/", 1)[0] + "/" in ("hfds/",):
+        try:
+            train = create_dataset(data, root=s["data_root"], split=s["train_split"], is_training=True,
+                                   input_img_mode=mode, transform=train_tf)
+            test = create_dataset(data, root=s["data_root"], split=s["val_split"], is_training=False,
+                                  input_img_mode=mode, transform=eval_tf)
+        except Exception as e:  # datasets/timm raise many kinds for a missing or malformed dataset
+            raise RunError(f"--data {data} cannot be read ({type(e).__name__}: {e})") from None
+        return train, test, {"kind": "timm-dataset", "name": data, "root": s["data_root"]}
+    root = Path(data)
+    if not root.is_dir():
+        raise RunError(f"--data {root} is not a folder (nor hfds/NAME)")
+    try:
+        train = image_folder(root, "train", train_tf, mode)
+        try:
+            test = image_folder(root, "val", eval_tf, mode)
+        except FileNotFoundError:
+            test = image_folder(root, "test", eval_tf, mode)
+    except (FileNotFoundError, ValueError) as e:
+        raise RunError(str(e)) from None
+    return train, test, {"kind": "image-folder", "root": str(root)}

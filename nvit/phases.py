@@ -1,0 +1,303 @@
+"""The phases of a pruning run: prune while training with distillation, then fine-tune the converted
+NViT model. One :class:`Run` holds what both phases share (inputs, processes, precision, checkpoints).
+
+Multi-rank runs (torchrun): the student trains as DDP, so every rank holds the same averaged gradients
+and therefore the same saliency scores and prune decisions; after every prune step the ranks compare
+a digest of their masks and stop if they differ.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from . import engine
+from .engine import Precision, Processes
+from .inputs import check_teacher_input, input_shape, load_data, load_dense_model, load_teachers
+from .loader import train_loader
+from .settings import RunError
+
+SCHEMA_VERSION = 2
+
+
+class StopRequested(Exception):
+    def __init__(self, it: int):
+        super().__init__(f"stopped after {it} iterations as asked (--stop-after); resume with --resume")
+
+
+@contextlib.contextmanager
+def heads_apart(model: torch.nn.Module):
+    """A DeiT distilled model's two heads as a pair, in inference: only the root module's `training` flag
+    (which timm's distilled head reads) is raised; dropout and the rest stay in eval mode."""
+    prev = (model.training, getattr(model, "distilled_training", False))
+    model.training, model.distilled_training = True, True
+    try:
+        yield
+    finally:
+        model.training, model.distilled_training = prev
+
+
+def set_distilled_training(model: torch.nn.Module, on: bool) -> None:
+    if hasattr(model, "set_distilled_training"):
+        model.set_distilled_training(on)
+    else:
+        model.distilled_training = on
+
+
+class Run:
+    def __init__(self, s: dict, out: Path, procs: Processes):
+        self.s, self.out, self.p = s, out, procs
+        self.device = procs.device
+        self.dense, self.provenance = load_dense_model(s)
+        self.dense.to(self.device)
+        self.separate_heads = s["distill_heads"] == "separate"
+        if self.separate_heads and not hasattr(self.dense, "head_dist"):
+            raise RunError("--distill-heads separate needs a DeiT distilled student (a model with a distillation "
+                           "head, e.g. deit_small_distilled_patch16_224)")
+        self.teacher, self.hard_teacher, self.teacher_desc = load_teachers(s, self.dense)
+        shape = input_shape(self.dense)
+        for what, t in (("--teacher", self.teacher if s["teacher"] else None), ("--hard-teacher", self.hard_teacher)):
+            if t is not None:
+                check_teacher_input(t, shape, what)
+        self.teacher.to(self.device)
+        if self.hard_teacher is not None:
+            self.hard_teacher.to(self.device)
+        self.train_set, self.test_set, self.train_transform, self.data_desc = load_data(s, self.dense)
+        if s["batch_size"] % procs.world:
+            raise RunError(f"--batch-size {s['batch_size']} (the global batch) must divide evenly over "
+                           f"{procs.world} ranks")
+        self.precision = Precision(s["amp"], self.device)
+        self.per_epoch = max(1, len(self.train_set) // s["batch_size"])
+        self.workers = s["workers"] if s["workers"] is not None else default_workers(s, procs)
+        self.timings: dict[str, float] = {}
+        self.log_lines: list[str] = []
+
+    # ---- output (rank 0 alone) ---------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.p.main:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+        self.log_lines.append(msg)
+
+    def bar(self, total: int, initial: int, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, disable=not (self.s["progress"] and self.p.main))
+
+    # ---- data --------------------------------------------------------------------------------------
+    def batches(self, phase: str, start: int):
+        """This rank's (x, y) of iterations start, start+1, … of `phase`, on the device."""
+        loader = train_loader(self.train_set, global_batch=self.s["batch_size"], seed=self.s["seed"], phase=phase,
+                              rank=self.p.rank, world=self.p.world, start=start, workers=self.workers,
+                              pin_memory=self.device.type == "cuda", transform=self.train_transform)
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def evaluate(self, model, progress: bool = False) -> float:
+        return engine.evaluate(model, self.test_set, self.p, precision=self.precision, workers=self.workers,
+                               progress=progress and self.s["progress"])
+
+    # ---- one training iteration --------------------------------------------------------------------
+    def step(self, model, raw, opt, x, y, it: int) -> float:
+        """Forward (autocast) + distillation loss + backward; gradients left for the caller. Returns the loss."""
+        s = self.s
+        with self.precision.autocast():
+            with torch.no_grad():
+                if self.separate_heads and hasattr(self.teacher, "head_dist"):
+                    with heads_apart(self.teacher):
+                        t = self.teacher(x)
+                else:
+                    t = self.teacher(x)
+                h = self.hard_teacher(x) if self.hard_teacher is not None else None
+            raw.train()
+            out = model(x)
+            loss = engine.distillation_loss(out, t, y, temperature=s["temperature"], weight=s["distill_weight"],
+                                            label_smoothing=s["label_smoothing"], hard_teacher=h)
+        value = loss.item()
+        bad = not math.isfinite(value)
+        if self.p.distributed:
+            bad = self.p.sum([float(bad)])[0] > 0  # every rank stops together, none waits in a collective
+        if bad:
+            raise RunError(f"the loss became {value} at iteration {it}; lower --lr "
+                           f"(now {opt.param_groups[0]['lr']:.2e})")
+        opt.zero_grad(set_to_none=False)
+        self.precision.backward(loss)
+        return value
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def checkpoint(self, phase: str, it: int, raw, opt, sched=None, pruner=None) -> None:
+        state = {"schema": SCHEMA_VERSION, "phase": phase, "iteration": it, "world_size": self.p.world,
+                 "model": raw.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": None if sched is None else sched.state_dict(),
+                 "scaler": self.precision.state_dict(),
+                 "pruner": None if pruner is None else pruner.state_dict(), "timings": self.timings,
+                 "log": self.log_lines,
+                 "nvit_config": None if phase != "finetune" else raw.config.to_dict()}
+        engine.save_checkpoint(state, self.out / "checkpoint.pt", self.p)
+
+    def restore(self, ck: dict | None, phase: str, raw, opt, **more) -> int:
+        """Load a checkpoint of `phase` into model, optimizer, scaler and `more` (key → object); the
+        iteration to continue from (0 without one)."""
+        if ck is None or ck["phase"] != phase:
+            return 0
+        raw.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        self.precision.load_state_dict(ck.get("scaler"))
+        for key, obj in more.items():
+            obj.load_state_dict(ck[key])
+        return ck["iteration"]
+
+    def maybe_stop(self, it_total: int) -> None:
+        if self.s["stop_after"] is not None and it_total >= self.s["stop_after"]:
+            raise StopRequested(it_total)
+
+    # ---- phase 1: prune while training -------------------------------------------------------------
+    def make_pruner(self, model):
+        from .latency import LatencyGrid, LatencyTable
+        from .pruner import Pruner, Target, TargetUnreachableError
+        from .structures import ViTAdapter
+
+        s = self.s
+        table = None
+        if s["target_metric"] == "latency" or s["eta"] > 0:
+            cfg = ViTAdapter(model).nvit_config(ViTAdapter(model).full_masks())
+            grid = LatencyGrid.for_model(cfg, points=s["latency_points"])
+            t0 = time.time()
+            # Measured once (rank 0) and shared: every rank must rank structures by the same table.
+            table = None
+            if self.p.main:
+                table = LatencyTable.measure(grid, tokens=cfg.num_tokens, batch_size=s["latency_batch"],
+                                             device=self.device, progress=s["progress"],
+                                             dtype=self.precision.tensor_dtype).monotonized()
+            table = self.p.broadcast_object(table)
+            self.timings["latency_table_s"] = round(time.time() - t0, 2)
+        try:
+            return Pruner(model, Target(s["target_metric"], float(s["target"])), granularity=s["granularity"],
+                          normalize=s["normalize"], eta=s["eta"], latency_table=table,
+                          group_size={"embed": s["group_embed"], "head": s["group_heads"], "qk": s["group_qk"],
+                                      "v": s["group_v"], "mlp": s["group_mlp"]},
+                          ema_momentum=s["ema_momentum"], deterministic=True, criterion=s["criterion"],
+                          allocation=s["allocation"])
+        except TargetUnreachableError as e:
+            raise RunError(str(e)) from None
+
+    def prune_phase(self, ck: dict | None):
+        from .pruner import TargetUnreachableError
+
+        s = self.s
+        raw = copy.deepcopy(self.dense).train()
+        if self.separate_heads:
+            set_distilled_training(raw, True)
+        pruner = self.make_pruner(raw)  # wraps the embedding norms: before DDP sees the modules
+        opt = engine.make_optimizer(raw, s["lr"], s["weight_decay"])
+        planned = max(1, math.ceil(s["prune_epochs"] * self.per_epoch))
+        n_units = s["prune_units"] or self._auto_units(pruner, planned)  # from the dense model, also on resume
+        self.n_units = n_units
+        start = self.restore(ck, "prune", raw, opt, pruner=pruner)
+        model = engine.wrap_ddp(raw, self.p)
+        t0 = time.time() - self.timings.get("prune_s", 0.0)
+        it, skipped = start, 0
+        bar = self.bar(planned, start, "prune")
+        loss_avg = None
+        data = self.batches("prune", start)
+        while it < planned or not pruner.done:
+            if it >= 50 * planned:
+                raise RunError("pruning did not reach the target; raise --prune-units or --prune-epochs")
+            x, y = next(data)
+            loss = self.step(model, raw, opt, x, y, it)
+            loss_avg = loss if loss_avg is None else 0.9 * loss_avg + 0.1 * loss
+            finite = self.precision.unscale(opt)  # true gradients (fp16: unscaled) for the saliency
+            if not pruner.done:
+                if finite:
+                    pruner.accumulate()
+                else:
+                    skipped += 1  # the scaler skips this step: it feeds no saliency either
+            self.precision.step(opt)
+            pruner.apply_masks()
+            it += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_avg:.3f}", frac=f"{pruner.fraction():.3f}" if it % 10 == 0 else None)
+            pruned_now = False
+            if it % s["prune_every"] == 0 and not pruner.done:
+                try:
+                    info = pruner.prune_step(n_units)
+                except TargetUnreachableError as e:
+                    raise RunError(str(e)) from None
+                engine.check_agreement("prune masks", pruner.masks.state_dict(), self.p)
+                pruned_now = True
+                kinds = ", ".join(f"{k} {v}" for k, v in info.removed.items() if v)
+                self.log(f"prune step {info.step} @ it {it}: removed {kinds or 'nothing'}; "
+                         f"{s['target_metric']} {info.fraction:.3f} of dense; loss {loss_avg:.4f}")
+            if pruned_now or it % s["checkpoint_every"] == 0:
+                self.timings["prune_s"] = round(time.time() - t0, 2)
+                self.checkpoint("prune", it, raw, opt, pruner=pruner)
+                self.maybe_stop(it)
+        bar.close()
+        self.timings["prune_s"] = round(time.time() - t0, 2)
+        self.timings["prune_iterations"] = it
+        self.timings["prune_overflow_steps"] = skipped
+        engine.check_agreement("pruned model's weights", raw.state_dict(), self.p)
+        if self.separate_heads:
+            set_distilled_training(raw, False)
+        return raw, pruner
+
+    def _auto_units(self, pruner, planned: int) -> int:
+        """N so that removing N units per step would meet the target two thirds into the phase:
+        the alive units times the fraction still to remove, over the steps available."""
+        steps = max(1, int(planned * 2 / 3) // self.s["prune_every"])
+        to_remove = int(pruner.unit_alive().sum()) * (1.0 - float(self.s["target"]))
+        return max(1, math.ceil(to_remove / steps))
+
+    # ---- phase 3: fine-tune the converted model ----------------------------------------------------
+    def finetune_phase(self, nv, ck: dict | None):
+        from .training import lr_lambda
+
+        s = self.s
+        if self.separate_heads:
+            set_distilled_training(nv, True)
+        opt = engine.make_optimizer(nv, s["finetune_lr"], s["weight_decay"])
+        total = max(1, math.ceil(s["finetune_epochs"] * self.per_epoch)) if s["finetune_epochs"] else 0
+        warm = min(total, max(1, total // 10))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(total, 1), warm, s["min_lr_ratio"]))
+        start = self.restore(ck, "finetune", nv, opt, scheduler=sched)
+        model = engine.wrap_ddp(nv, self.p)
+        t0 = time.time() - self.timings.get("finetune_s", 0.0)
+        bar = self.bar(total, start, "fine-tune")
+        loss_avg = None
+        prune_its = self.timings.get("prune_iterations", 0)
+        data = self.batches("finetune", start) if start < total else iter(())
+        for it in range(start, total):
+            x, y = next(data)
+            loss = self.step(model, nv, opt, x, y, it)
+            loss_avg = loss if loss_avg is None else 0.9 * loss_avg + 0.1 * loss
+            self.precision.step(opt)
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_avg:.3f}")
+            if (it + 1) % s["checkpoint_every"] == 0 and it + 1 < total:
+                self.timings["finetune_s"] = round(time.time() - t0, 2)
+                self.checkpoint("finetune", it + 1, nv, opt, sched)
+                self.maybe_stop(prune_its + it + 1)
+        bar.close()
+        self.timings["finetune_s"] = round(time.time() - t0, 2)
+        if loss_avg is not None:
+            self.log(f"fine-tuned {total} iterations; final loss {loss_avg:.4f}")
+        engine.check_agreement("fine-tuned weights", nv.state_dict(), self.p)
+        if self.separate_heads:
+            set_distilled_training(nv, False)
+        return nv.eval()
+
+
+def default_workers(s: dict, procs: Processes) -> int:
+    """0 for the embedded tensors (nothing to decode), else up to 8 per rank from the cores there are."""
+    if not s["data"]:
+        return 0
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, procs.world) - 1))

@@ -1,0 +1,240 @@
+"""Every setting of `python -m nvit.prune`, declared once: its flag, default, help and check.
+
+The argparse parser (with defaults in --help), the YAML keys (the names below, '-' or '_'), the
+defaults of a run and the checks of a run all derive from ``FLAGS``.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+
+class RunError(Exception):
+    """A problem the user can fix; printed without a traceback, exit status 2."""
+
+
+# Checks: each returns an error message or None.
+def positive(v) -> str | None:
+    return None if v >= 1 else "must be ≥1"
+
+
+def non_negative(v) -> str | None:
+    return None if v >= 0 else "must be ≥0"
+
+
+def greater_than_zero(v) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def open_fraction(v) -> str | None:
+    return None if 0.0 < v < 1.0 else "must be a fraction in (0, 1)"
+
+
+def unit_interval(v) -> str | None:
+    return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str                      # the settings key; the flag is --name-with-dashes
+    default: Any
+    help: str
+    group: str
+    type: Callable | None = None   # None: a boolean switch (--x / --no-x)
+    choices: tuple | None = None
+    check: Callable[[Any], str | None] | None = None
+    nargs: str | int | None = None
+    hidden: bool = False           # for tests; not in --help
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+F = Flag
+FLAGS: tuple[Flag, ...] = (
+    # input: student, teacher, data
+    F("model", None, "timm model name (e.g. deit_small_patch16_224; needs --checkpoint) or local-dir:FOLDER "
+      "(timm's hub layout: config.json + model.safetensors or pytorch_model.bin)", "input", str),
+    F("checkpoint", None, "weights for --model NAME (.safetensors, or a torch state dict .pth/.pt)", "input", str),
+    F("nvit_model", None, "a saved NViT model folder to prune further", "input", str),
+    F("teacher", None, "distillation teacher: timm name (needs --teacher-checkpoint) or local-dir:FOLDER "
+      "(default: the dense model itself)", "input", str),
+    F("teacher_checkpoint", None, "weights for --teacher NAME", "input", str),
+    F("hard_teacher", None, "DeiT distilled students: a second teacher (e.g. a CNN) whose hard labels train the "
+      "distillation head (the paper's Eq. 9); timm name or local-dir:FOLDER", "input", str),
+    F("hard_teacher_checkpoint", None, "weights for --hard-teacher NAME", "input", str),
+    F("distill_heads", "average", "DeiT distilled students: 'average' (one KL on the heads' mean) or 'separate' "
+      "(the paper's losses: KL per head, hard labels on the distillation head with --hard-teacher)", "input", str,
+      ("average", "separate")),
+    F("data", None, "an image folder (train/ and val/ or test/ of class folders), or a dataset timm reads "
+      "(hfds/NAME, wds/NAME, …, with --data-root); default: the embedded Fashion-MNIST subset", "input", str),
+    F("data_root", None, "root/cache folder for hfds/… and wds/… datasets", "input", str),
+    F("train_split", "train", "split to train on (hfds/wds)", "input", str),
+    F("val_split", "validation", "split to evaluate on (hfds/wds)", "input", str),
+    F("img_size", None, "input size (default: the model's)", "input", int, check=positive),
+    F("in_chans", None, "1 (grayscale) or 3 (default: the model's)", "input", int, (1, 3)),
+    F("config", None, "YAML file of settings (keys: the flag names); flags override it", "input", str),
+    # output
+    F("out", None, "output folder (default: runs/nvit-<time>); must not hold another run", "output", str),
+    F("resume", None, "continue the interrupted run in this folder (same world size)", "output", str),
+    # target and ranking
+    F("target_metric", "flops", "what --target is a fraction of", "target and ranking", str,
+      ("latency", "flops", "params")),
+    F("target", 0.4, "fraction of the dense model's metric to reach", "target and ranking", float, check=open_fraction),
+    F("granularity", "aligned", "aligned (the paper: a block's heads share dims) or per-head", "target and ranking",
+      str, ("aligned", "per-head")),
+    F("eta", 0.0, "latency-aware term η (measures a latency table when > 0)", "target and ranking", float,
+      check=non_negative),
+    F("normalize", "cost", "rank by saliency per cost saved, or raw", "target and ranking", str, ("cost", "none")),
+    F("criterion", "hessian", "structure score: Hessian saliency (NViT) or weight magnitude (baseline)",
+      "target and ranking", str, ("hessian", "magnitude")),
+    F("allocation", "global", "one global ranking (NViT) or the same keep ratio in every block (baseline)",
+      "target and ranking", str, ("global", "uniform")),
+    F("group_embed", 4, "embedding channels removed together", "target and ranking", int, check=positive),
+    F("group_heads", 1, "heads removed together", "target and ranking", int, check=positive),
+    F("group_qk", 2, "QK dims removed together", "target and ranking", int, check=positive),
+    F("group_v", 2, "V dims removed together", "target and ranking", int, check=positive),
+    F("group_mlp", 8, "MLP channels removed together", "target and ranking", int, check=positive),
+    F("ema_momentum", 0.9, "EMA of the saliency across prune steps", "target and ranking", float, check=unit_interval),
+    F("latency_points", 3, "latency table grid points per axis", "target and ranking", int, check=positive),
+    # schedule
+    F("prune_every", 10, "iterations between prune steps (K)", "schedule", int, check=positive),
+    F("prune_units", None, "units removed per prune step (N; default: sized so the target is met two thirds "
+      "into the pruning phase)", "schedule", int, check=positive),
+    F("prune_epochs", 1.5, "epochs of the pruning phase", "schedule", float, check=non_negative),
+    F("finetune_epochs", 2.5, "epochs of fine-tuning the converted model", "schedule", float, check=non_negative),
+    F("lr", 5e-4, "learning rate while pruning", "schedule", float, check=greater_than_zero),
+    F("finetune_lr", 5e-4, "peak learning rate of the fine-tuning (warmup + cosine)", "schedule", float,
+      check=greater_than_zero),
+    F("min_lr_ratio", 0.02, "final fine-tuning lr as a fraction of the peak", "schedule", float, check=unit_interval),
+    F("weight_decay", 0.05, "AdamW weight decay", "schedule", float, check=non_negative),
+    F("batch_size", 64, "global batch size (split evenly over the ranks)", "schedule", int, check=positive),
+    F("temperature", 3.0, "distillation temperature", "schedule", float, check=greater_than_zero),
+    F("distill_weight", 0.5, "weight of the KL term", "schedule", float, check=unit_interval),
+    F("label_smoothing", 0.0, "label smoothing of the CE term", "schedule", float, check=unit_interval),
+    # augmentation and preprocessing
+    F("augment", "auto", "train augmentation: timm's (random-resized-crop, flip, --aa, --reprob), pad-crop "
+      "(pad --pad pixels, random crop, flip: for small images), none; auto: pad-crop for the embedded data, "
+      "timm otherwise", "augmentation", str, ("auto", "timm", "pad-crop", "none")),
+    F("pad", 2, "padding of pad-crop (0: no crop)", "augmentation", int, check=non_negative),
+    F("flip", True, "random horizontal flip in pad-crop", "augmentation"),
+    F("scale", (0.08, 1.0), "random-resized-crop area range (timm)", "augmentation", float, nargs=2),
+    F("ratio", (3 / 4, 4 / 3), "random-resized-crop aspect range (timm)", "augmentation", float, nargs=2),
+    F("hflip", 0.5, "horizontal flip probability (timm)", "augmentation", float, check=unit_interval),
+    F("aa", None, "AutoAugment policy (timm, e.g. rand-m9-mstd0.5-inc1)", "augmentation", str),
+    F("reprob", 0.0, "random erasing probability (timm)", "augmentation", float, check=unit_interval),
+    F("crop_pct", None, "eval center-crop fraction in (0, 1] (default: the model's pretrained config)",
+      "augmentation", float),
+    F("interpolation", None, "resize interpolation (default: the model's pretrained config)", "augmentation", str),
+    F("mean", None, "normalisation mean per channel (default: the model's pretrained config)", "augmentation",
+      float, nargs="+"),
+    F("std", None, "normalisation std per channel (default: the model's pretrained config)", "augmentation",
+      float, nargs="+"),
+    # run
+    F("device", "cpu", "cpu, cuda (under torchrun: each rank its LOCAL_RANK's GPU) or cuda:i", "run", str),
+    F("amp", "none", "mixed precision: autocast student and teacher (fp32 master weights; fp16 with a "
+      "GradScaler)", "run", str, ("none", "bf16", "fp16")),
+    F("workers", None, "DataLoader worker processes per rank (default: 0 for the embedded data, else "
+      "min(8, cores per rank))", "run", int, check=non_negative),
+    F("latency_batch", 64, "batch size of the latency measurements", "run", int, check=positive),
+    F("eval_limit", None, "evaluate on the first N test images", "run", int, check=positive),
+    F("train_limit", None, "train on the first N images", "run", int, check=positive),
+    F("seed", 0, "seed of the data order, augmentation and initialisation", "run", int),
+    F("threads", None, "torch threads per process (default: torch's choice)", "run", int, check=positive),
+    F("progress", True, "progress bars", "run"),
+    F("checkpoint_every", 50, "iterations between checkpoints", "run", int, check=positive),
+    F("stop_after", None, "stop as if interrupted after N iterations (tests)", "run", int, hidden=True),
+)
+FLAG_BY_NAME = {f.name: f for f in FLAGS}
+DEFAULTS = {f.name: f.default for f in FLAGS}
+# Settings that may differ when resuming (all others come from the interrupted run's run.json).
+RESUME_OVERRIDES = ("resume", "stop_after", "progress", "workers", "threads")
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in FLAGS:
+        g = groups.setdefault(f.group, ap.add_argument_group(f.group))
+        help_text = argparse.SUPPRESS if f.hidden else f"{f.help} (default: {_show(f.default)})"
+        if f.type is None:
+            g.add_argument(f.flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            g.add_argument(f.flag, dest=f.name, type=f.type, choices=f.choices, nargs=f.nargs, help=help_text)
+    ap.set_defaults(**{f.name: None for f in FLAGS})  # None = not given; defaults come from FLAGS below
+    return ap
+
+
+def _show(v) -> str:
+    if isinstance(v, tuple):
+        return " ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+    return "none" if v is None else str(v)
+
+
+def resolve(argv: list[str] | None, prog: str = "python -m nvit.prune", description: str = "") -> dict:
+    """Defaults < YAML file < flags; then checked."""
+    args = vars(build_parser(prog, description).parse_args(argv))
+    s = dict(DEFAULTS)
+    if args.get("config"):
+        s.update(read_yaml(Path(args["config"])))
+    s.update({k: v for k, v in args.items() if v is not None})
+    for k in ("scale", "ratio", "mean", "std"):
+        if s[k] is not None:
+            s[k] = tuple(float(v) for v in s[k])
+    check(s)
+    return s
+
+
+def read_yaml(p: Path) -> dict:
+    if not p.is_file():
+        raise RunError(f"config file {p} not found")
+    try:
+        y = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RunError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(y, dict):
+        raise RunError(f"config file {p} must hold a mapping of settings")
+    y = {k.replace("-", "_"): v for k, v in y.items()}
+    unknown = sorted(set(y) - set(DEFAULTS))
+    if unknown:
+        raise RunError(f"config file {p}: unknown settings {unknown}")
+    return y
+
+
+def check(s: dict) -> None:
+    """Each flag's own check, then the rules between flags."""
+    for f in FLAGS:
+        v = s[f.name]
+        if v is None:
+            continue
+        if f.choices is not None and v not in f.choices:
+            raise RunError(f"{f.flag} must be one of {', '.join(map(str, f.choices))}, got {v!r}")
+        if f.check is not None:
+            try:
+                why = f.check(v)
+            except TypeError:
+                why = "must be a number"
+            if why:
+                raise RunError(f"{f.flag} {why}, got {v}")
+    if s["model"] and s["nvit_model"]:
+        raise RunError("give either --model or --nvit-model, not both")
+    for who, ck in (("model", "checkpoint"), ("teacher", "teacher_checkpoint"),
+                    ("hard_teacher", "hard_teacher_checkpoint")):
+        name = s[who]
+        if name and not name.startswith("local-dir:") and not s[ck]:
+            raise RunError(f"--{who.replace('_', '-')} {name} needs --{ck.replace('_', '-')} FILE "
+                           f"(nvit downloads nothing), or give a local-dir:FOLDER")
+        if s[ck] and not name:
+            raise RunError(f"--{ck.replace('_', '-')} needs --{who.replace('_', '-')} NAME")
+    if s["hard_teacher"] and s["distill_heads"] != "separate":
+        raise RunError("--hard-teacher trains the distillation head: it needs --distill-heads separate")
+    if (s["mean"] is None) != (s["std"] is None):
+        raise RunError("give --mean and --std together")
+    if s["crop_pct"] is not None and not 0.0 < s["crop_pct"] <= 1.0:
+        raise RunError(f"--crop-pct must be in (0, 1], got {s['crop_pct']}")
