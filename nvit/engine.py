@@ -104,7 +104,7 @@ def wrap_ddp(model: torch.nn.Module, p: Processes) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [p.device.index] if p.device.type == "cuda" else None
-    return DDP(model, device_ids=ids, broadcast_buffers=False)
+    return DDP(model, device_ids=ids)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -193,17 +193,20 @@ def evaluate(model: torch.nn.Module, dataset, p: Processes | None = None, *, bat
     m = unwrap(model)
     was_training = m.training
     m.eval()
-    shard = Subset(dataset, shard_range(len(dataset), p.rank, p.world))
+    # A streaming (iterable) dataset is sharded over the ranks by its reader (timm's); a map-style one here.
+    shard = dataset if isinstance(dataset, torch.utils.data.IterableDataset) else \
+        Subset(dataset, shard_range(len(dataset), p.rank, p.world))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=p.device.type == "cuda")
-    correct = 0
+    correct = seen = 0
     ctx = precision.autocast() if precision is not None else contextlib.nullcontext()
     with ctx:
         for x, y in tqdm(loader, desc="eval", leave=False, disable=not (progress and p.main)):
             out = m(x.to(p.device, non_blocking=True))
             correct += (out.argmax(-1).cpu() == y).sum().item()
+            seen += len(y)
     m.train(was_training)
-    total_correct, total = p.sum([correct, len(shard)])
+    total_correct, total = p.sum([correct, seen])
     return 100.0 * total_correct / max(total, 1)
 
 

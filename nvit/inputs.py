@@ -182,11 +182,13 @@ def augmentation(s: dict) -> str:
     return s["augment"] if s["augment"] != "auto" else ("pad-crop" if not s["data"] else "timm")
 
 
-def load_data(s: dict, model: torch.nn.Module):
+def load_data(s: dict, model: torch.nn.Module, world: int = 1):
     """(train dataset, test dataset, per-sample train transform or None, description).
 
-    Datasets return (tensor, label); random train transforms draw from torch/random/numpy global RNGs,
-    which the loader seeds per sample (nvit.loader), so batches are reproducible."""
+    Datasets return (tensor, label). Map-style ones (the embedded tensors, folders, hfds/…) draw their
+    random train transforms from the global RNGs, which the loader seeds per sample (nvit.loader), so
+    batches are reproducible. Streaming ones (wds/…, hfids/…, tfds/…) are timm's IterableImageDataset:
+    timm shards them over ranks and workers, and their order is fixed by the seed and the epoch only."""
     from .datasets import EMBEDDED_MEAN, EMBEDDED_STD, load_embedded
     from .loader import pad_crop_flip
 
@@ -202,47 +204,59 @@ def load_data(s: dict, model: torch.nn.Module):
         desc = {"kind": "embedded", "name": "Fashion-MNIST subset"}
         if aug == "pad-crop":
             extra = pad_crop_flip(s["pad"], s["flip"], fill=(0.0 - EMBEDDED_MEAN) / EMBEDDED_STD)
-    else:
-        cfg = data_config(s, model)
-        train, test, desc = _timm_datasets(s, cfg, aug)
-        if aug == "pad-crop":
-            extra = pad_crop_flip(s["pad"], s["flip"], fill=0.0)  # after normalisation: the mean colour
+        desc.update(n_train=len(train), n_test=len(test), augmentation=aug)
+        return train, test, extra, desc
+    cfg = data_config(s, model)
+    train, test, desc = _timm_datasets(s, cfg, aug, world)
+    if not is_streaming(train):
         if s["train_limit"]:
             train = torch.utils.data.Subset(train, range(min(len(train), s["train_limit"])))
         if s["eval_limit"]:
             test = torch.utils.data.Subset(test, range(min(len(test), s["eval_limit"])))
-        desc["preprocessing"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    desc["preprocessing"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
     desc.update(n_train=len(train), n_test=len(test), augmentation=aug)
     return train, test, extra, desc
 
 
-def _timm_datasets(s: dict, cfg: dict, aug: str):
+def is_streaming(ds) -> bool:
+    return isinstance(ds, torch.utils.data.IterableDataset)
+
+
+def _timm_datasets(s: dict, cfg: dict, aug: str, world: int):
     from timm.data import create_dataset, create_transform
+    from torchvision import transforms
 
     from .datasets import image_folder
+    from .loader import pad_crop_flip
 
     mode = "L" if cfg["input_size"][0] == 1 else "RGB"
-    train_tf = (create_transform(**cfg, is_training=True, scale=s["scale"], ratio=s["ratio"], hflip=s["hflip"],
-                                 auto_augment=s["aa"], re_prob=s["reprob"]) if aug == "timm"
-                else create_transform(**cfg, is_training=False))
     eval_tf = create_transform(**cfg, is_training=False)
+    if aug == "timm":
+        train_tf = create_transform(**cfg, is_training=True, scale=s["scale"], ratio=s["ratio"], hflip=s["hflip"],
+                                    auto_augment=s["aa"], re_prob=s["reprob"])
+    elif aug == "pad-crop":  # after normalisation, padding with 0 pads with the mean colour
+        train_tf = transforms.Compose([eval_tf, pad_crop_flip(s["pad"], s["flip"], fill=0.0)])
+    else:
+        train_tf = eval_tf
     data = s["data"]
-    if data.startswith(STREAMING):
-        raise RunError(f"--data {data}: streaming datasets ({', '.join(STREAMING)}) have no fixed order by "
-                       f"(seed, iteration), which resume and multi-rank determinism need; use an image folder "
-                       f"or a map-style dataset (hfds/…)")
-    if "/" in data and not Path(data).exists() and data.split("/", 1)[0] + "/" in ("hfds/",):
+    scheme = data.split("/", 1)[0] + "/" if "/" in data and not Path(data).exists() else ""
+    if scheme in STREAMING or scheme == "hfds/":
+        streaming = scheme in STREAMING
+        kw = dict(root=s["data_root"], input_img_mode=mode)
+        if streaming:  # timm shards the stream over ranks and workers and shuffles by (seed, epoch)
+            kw.update(batch_size=s["batch_size"] // world, seed=s["seed"])
         try:
-            train = create_dataset(data, root=s["data_root"], split=s["train_split"], is_training=True,
-                                   input_img_mode=mode, transform=train_tf)
-            test = create_dataset(data, root=s["data_root"], split=s["val_split"], is_training=False,
-                                  input_img_mode=mode, transform=eval_tf)
-        except Exception as e:  # datasets/timm raise many kinds for a missing or malformed dataset
+            train = create_dataset(data, split=s["train_split"], is_training=True, transform=train_tf,
+                                   num_samples=s["train_limit"] if streaming else None, **kw)
+            test = create_dataset(data, split=s["val_split"], is_training=False, transform=eval_tf,
+                                  num_samples=s["eval_limit"] if streaming else None, **kw)
+        except Exception as e:  # datasets/webdataset/timm raise many kinds for a missing or malformed dataset
             raise RunError(f"--data {data} cannot be read ({type(e).__name__}: {e})") from None
-        return train, test, {"kind": "timm-dataset", "name": data, "root": s["data_root"]}
+        return train, test, {"kind": "timm-streaming" if streaming else "timm-dataset", "name": data,
+                             "root": s["data_root"]}
     root = Path(data)
     if not root.is_dir():
-        raise RunError(f"--data {root} is not a folder (nor hfds/NAME)")
+        raise RunError(f"--data {root} is not a folder (nor hfds/NAME, {', '.join(p + 'NAME' for p in STREAMING)})")
     try:
         train = image_folder(root, "train", train_tf, mode)
         try:

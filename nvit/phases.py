@@ -17,7 +17,7 @@ import torch
 
 from . import engine
 from .engine import Precision, Processes
-from .inputs import check_teacher_input, input_shape, load_data, load_dense_model, load_teachers
+from .inputs import check_teacher_input, input_shape, is_streaming, load_data, load_dense_model, load_teachers
 from .loader import train_loader
 from .settings import RunError
 
@@ -66,12 +66,15 @@ class Run:
         self.teacher.to(self.device)
         if self.hard_teacher is not None:
             self.hard_teacher.to(self.device)
-        self.train_set, self.test_set, self.train_transform, self.data_desc = load_data(s, self.dense)
         if s["batch_size"] % procs.world:
             raise RunError(f"--batch-size {s['batch_size']} (the global batch) must divide evenly over "
                            f"{procs.world} ranks")
+        self.train_set, self.test_set, self.train_transform, self.data_desc = load_data(s, self.dense, procs.world)
+        self.streaming = is_streaming(self.train_set)
         self.precision = Precision(s["amp"], self.device)
-        self.per_epoch = max(1, len(self.train_set) // s["batch_size"])
+        # A streaming dataset's length is this rank's share (timm shards it over the ranks).
+        n_train = len(self.train_set) * (procs.world if self.streaming else 1)
+        self.per_epoch = max(1, n_train // s["batch_size"])
         self.workers = s["workers"] if s["workers"] is not None else default_workers(s, procs)
         self.timings: dict[str, float] = {}
         self.log_lines: list[str] = []
@@ -92,11 +95,36 @@ class Run:
     # ---- data --------------------------------------------------------------------------------------
     def batches(self, phase: str, start: int):
         """This rank's (x, y) of iterations start, start+1, … of `phase`, on the device."""
+        if self.streaming:
+            yield from self._stream(start)
+            return
         loader = train_loader(self.train_set, global_batch=self.s["batch_size"], seed=self.s["seed"], phase=phase,
                               rank=self.p.rank, world=self.p.world, start=start, workers=self.workers,
                               pin_memory=self.device.type == "cuda", transform=self.train_transform)
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _stream(self, start: int):
+        """A streaming dataset, epoch after epoch (timm reshuffles by seed and epoch); a resumed run replays
+        the stream up to `start`, which is exact for the same world size and worker count."""
+        from torch.utils.data import DataLoader
+
+        local, epoch, skip = self.s["batch_size"] // self.p.world, 0, start
+        while True:
+            self.train_set.set_epoch(epoch)
+            loader = DataLoader(self.train_set, batch_size=local, num_workers=self.workers, drop_last=True,
+                                pin_memory=self.device.type == "cuda")
+            n = 0
+            for x, y in loader:
+                n += 1
+                if skip:
+                    skip -= 1
+                    continue
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if n == 0:
+                raise RunError(f"--data {self.s['data']}: this rank's share of the stream holds less than one "
+                               f"batch of {local}")
+            epoch += 1
 
     def evaluate(self, model, progress: bool = False) -> float:
         return engine.evaluate(model, self.test_set, self.p, precision=self.precision, workers=self.workers,

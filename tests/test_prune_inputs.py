@@ -1,7 +1,9 @@
 """nvit.prune's inputs and precision: local-dir models, other teachers, DeiT's two-head losses, any
-timm head layout, --amp (bf16 end to end; fp16 saliency from unscaled gradients)."""
+timm head layout, webdataset shards through timm's reader, --amp (bf16 end to end; fp16 saliency from
+unscaled gradients)."""
 import json
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -137,3 +139,47 @@ def test_fp16_saliency_comes_from_unscaled_gradients():
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-12)
     over, finite = _saliency_after_one_step(fp16, scale_loss=float("inf"))
     assert not finite and torch.count_nonzero(over) == 0
+
+
+def _wds_shards(root, split, n_shards, per_shard, size=32):
+    """webdataset shards (tar files of <key>.png + <key>.cls) and timm's _info.json for `split`."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(len(split))
+    names = []
+    for s in range(n_shards):
+        name = f"{split}-{s:04d}.tar"
+        with tarfile.open(root / name, "w") as tar:
+            for i in range(per_shard):
+                buf = io.BytesIO()
+                Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(buf, format="PNG")
+                for ext, data in (("png", buf.getvalue()), ("cls", str(i % 3).encode())):
+                    info = tarfile.TarInfo(f"{s:02d}{i:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        names.append(name)
+    info_path = root / "_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {"name": "toy", "splits": {}}
+    info["splits"][split] = {"name": split, "num_samples": n_shards * per_shard, "filenames": names,
+                             "shard_lengths": [per_shard] * n_shards}
+    info_path.write_text(json.dumps(info))
+
+
+def test_webdataset_shards_through_timms_reader(tmp_path):
+    pytest.importorskip("webdataset", reason="timm's wds/ reader needs the webdataset package")
+    root = tmp_path / "shards"
+    root.mkdir()
+    _wds_shards(root, "train", 2, 24)
+    _wds_shards(root, "validation", 1, 12)
+    student = _local_dir(tmp_path, "rgb", "vit_tiny_patch16_224", {**TINY_VIT, "in_chans": 3, "img_size": 32,
+                                                                    "num_classes": 3})
+    out = tmp_path / "run"
+    assert _run(["--model", f"local-dir:{student}", "--data", "wds/toy", "--data-root", root, "--workers", 0,
+                 "--out", out, *FAST]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["data"]["kind"] == "timm-streaming" and r["data"]["n_train"] == 48
+    assert 0 <= r["pruned"]["top1"] <= 100
