@@ -4,6 +4,8 @@ prune_step   images/s of one pruning-phase iteration (forward + backward + fused
              masking) against a plain timm training step of the same model and batch (forward + backward +
              optimizer step), interleaved rounds, min of each. extra_info: prune_overhead = nvit / plain − 1
              (target ≤ 0.03), images_per_s of both.
+prune_time   wall time of one Pruner.prune_step on DeiT-B's units (ranking, guards, mask update and
+             zeroing; target ≤ 50 ms on the CPU machine), both granularities. extra_info: prune_step_ms.
 data_path    images/s of nvit's training DataLoader over a JPEG image folder with timm's random-resized-crop
              transform at 224 px, with 0 and 2 worker processes (extra_info: images_per_s,
              speedup_vs_0_workers).
@@ -84,6 +86,29 @@ def test_prune_step_overhead(benchmark, case):
                                 ms_nvit_prune_step=t_ours * 1e3, images_per_s_plain=B / t_plain,
                                 images_per_s_nvit=B / t_ours, prune_overhead=round(t_ours / t_plain - 1, 4))
     benchmark.pedantic(ours, rounds=1, iterations=1, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("gran", ["aligned", "per-head"])
+def test_prune_step_time(benchmark, gran):
+    torch.manual_seed(0)
+    pruner = Pruner(timm.create_model("deit_base_patch16_224"), Target("flops", 0.2), granularity=gran,
+                    group_size={"mlp": 16, "embed": 8, "qk": 2, "v": 2})
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        pruner.scores.copy_(torch.rand(pruner.scores.shape, generator=g))
+        pruner.n_batches = 1
+        pruner.prune_step(64)
+
+    step()  # first call: allocations
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    benchmark.extra_info.update(granularity=gran, units=pruner.units.num_units, prune_step_ms=round(min(times) * 1e3, 2),
+                                loadavg=round(os.getloadavg()[0], 2))
+    benchmark.pedantic(step, rounds=1, iterations=1, warmup_rounds=0)
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,7 @@ class Run:
         self.s, self.out, self.p = s, out, procs
         self.device = procs.device
         self.dense, self.provenance = load_dense_model(s)
+        check_prunable(self.dense)  # before any data is read or any evaluation runs
         self.dense.to(self.device)
         self.separate_heads = s["distill_heads"] == "separate"
         if self.separate_heads and not hasattr(self.dense, "head_dist"):
@@ -319,6 +320,16 @@ class Run:
         if self.separate_heads:
             set_distilled_training(nv, False)
         return nv.eval()
+
+
+def check_prunable(model: torch.nn.Module) -> None:
+    """A RunError naming the modules nvit cannot prune exactly (the adapter reads, changes nothing)."""
+    from .structures import UnsupportedModelError, ViTAdapter
+
+    try:
+        ViTAdapter(model)
+    except UnsupportedModelError as e:
+        raise RunError(str(e)) from None
 
 
 def default_workers(s: dict, procs: Processes) -> int:

@@ -124,6 +124,7 @@ class Pruner:
         self.history: list[dict] = []
         self._pm = self.adapter.prepared_param_masks(self.masks)
         self._fraction_cache: dict[str, float] = {}
+        self._index_units()
         self.dense_config = self.config()
         self.dense_cost = {m: self._metric(m, self.dense_config) for m in METRICS if m != "latency" or self.table}
         if target is not None:
@@ -132,6 +133,19 @@ class Pruner:
                 raise TargetUnreachableError(
                     f"nvit: target {target.metric} ≤ {target.fraction:.3f} of dense is unreachable: the smallest "
                     f"model the guards allow has {floor:.3f}")
+
+    def _index_units(self) -> None:
+        """Per unit, once: its cost key (kind, block, head; a head unit's head is its index) and its
+        bucket (kind, block, head: the units a group is cut from), as integer ids."""
+        U = self.units
+        head_of = torch.where(U.kind == HEAD, U.index, U.head)
+        key_t = torch.stack([U.kind, U.block, head_of], 1)
+        keys, self._unit_key = torch.unique(key_t, dim=0, return_inverse=True)
+        self._keys = [tuple(int(v) for v in row) for row in keys.tolist()]
+        bucket_t = torch.stack([U.kind, U.block, U.head], 1)
+        buckets, self._unit_bucket = torch.unique(bucket_t, dim=0, return_inverse=True)
+        self._bucket_kind = buckets[:, 0]
+        self._unit_group_size = torch.tensor([self.group_size[KIND_NAMES[int(k)]] for k in U.kind.tolist()])
 
     # ---- costs -----------------------------------------------------------------------------------
     def config(self) -> NViTConfig:
@@ -159,56 +173,76 @@ class Pruner:
         return self.target is not None and self.fraction() <= self.target.fraction
 
     def _smallest_config(self) -> NViTConfig:
-        c = self.dense_config
-        blocks = [BlockConfig([1], [1], 1, b.scales[:1]) for b in c.blocks]
+        """The smallest architecture the guards and group sizes allow: every bucket keeps the fewest
+        units it can (≥1, and the removed count a multiple of the kind's group size), QK dims stay
+        whole where they cannot be pruned (q/k norm)."""
+        c, gs = self.dense_config, self.group_size
+
+        def floor(n: int, kind: str) -> int:
+            g = gs[kind]
+            return n - g * ((n - 1) // g) if n >= g else 1
+
+        blocks = []
+        for b in c.blocks:  # uneven dims (a re-pruned NViT model): the smallest heads, a lower bound
+            heads = floor(len(b.qk_dims), "head")
+            if self.adapter.qk_prunable:
+                qk = [min(floor(q, "qk") for q in b.qk_dims)] * heads
+            else:
+                qk = sorted(b.qk_dims)[:heads]
+            v = [min(floor(d, "v") for d in b.v_dims)] * heads
+            blocks.append(BlockConfig(qk, v, floor(b.mlp, "mlp"), b.scales[:heads]))
         d = c.to_dict()
-        d.update(embed_dim=1, blocks=blocks)
+        d.update(embed_dim=floor(c.embed_dim, "embed"), blocks=blocks)
         return NViTConfig(**d)
+
+    def _block_metric(self, metric: str, cfg: NViTConfig, blk: BlockConfig) -> float:
+        """The part of `metric` one block contributes (every metric is a sum over blocks plus terms
+        that depend on the embedding width alone)."""
+        from .cost import block_flops, block_params
+
+        if metric == "flops":
+            return float(block_flops(cfg.embed_dim, blk, cfg.num_tokens))
+        if metric == "params":
+            return float(block_params(cfg.embed_dim, blk, qkv_bias=cfg.qkv_bias, proj_bias=cfg.proj_bias,
+                                      layer_scale=cfg.layer_scale))
+        return float(self.table.block_config_latency(cfg.embed_dim, blk))
 
     def _delta(self, metric: str, cfg: NViTConfig, kind: int, block: int, head: int) -> float:
         """Exact cost saved by removing one unit of `kind` at (block, head position) from `cfg`
-        (head < 0: a QK/V unit shared by all heads)."""
+        (head < 0: a QK/V unit shared by all heads). Block kinds recount only their block."""
         if kind == EMBED:
             if cfg.embed_dim <= 1:
                 return 0.0  # not removable; guarded elsewhere
             smaller = dataclasses.replace(cfg, embed_dim=cfg.embed_dim - 1)
+            return self._metric(metric, cfg) - self._metric(metric, smaller)
+        b = cfg.blocks[block]
+        qk, v, sc, mlp = list(b.qk_dims), list(b.v_dims), list(b.scales), b.mlp
+        if kind == HEAD:
+            del qk[head], v[head], sc[head]
+        elif kind in (QK, V):
+            dims = qk if kind == QK else v
+            for i in (range(len(dims)) if head < 0 else [head]):
+                dims[i] -= 1
         else:
-            b = cfg.blocks[block]
-            qk, v, sc, mlp = list(b.qk_dims), list(b.v_dims), list(b.scales), b.mlp
-            if kind == HEAD:
-                del qk[head], v[head], sc[head]
-            elif kind in (QK, V):
-                dims = qk if kind == QK else v
-                for i in (range(len(dims)) if head < 0 else [head]):
-                    dims[i] -= 1
-            else:
-                mlp -= 1
-            if not qk or min(qk + v + [mlp]) < 1:
-                return 0.0
-            blocks = list(cfg.blocks)
-            blocks[block] = BlockConfig(qk, v, mlp, sc)
-            smaller = dataclasses.replace(cfg, blocks=blocks)
-        return self._metric(metric, cfg) - self._metric(metric, smaller)
+            mlp -= 1
+        if not qk or min(qk + v + [mlp]) < 1:
+            return 0.0
+        return self._block_metric(metric, cfg, b) - self._block_metric(metric, cfg, BlockConfig(qk, v, mlp, sc))
 
     def _unit_deltas(self, metric: str) -> torch.Tensor:
-        """ΔC per unit (float64, CPU) of `metric`, for the current masks."""
+        """ΔC per unit (float64, CPU) of `metric`, for the current masks: one exact delta per
+        (kind, block, head) key, spread to the units by index (no loop over units)."""
         cfg = self.config()
-        U = self.units
-        kind, block = U.kind.tolist(), U.block.tolist()
-        head = torch.where(U.kind == HEAD, U.index, U.head).tolist()  # a head unit's head is its index
-        cache: dict[tuple, float] = {}
-        out = torch.zeros(U.num_units, dtype=torch.float64)
         alive_pos = [m.nonzero().flatten().tolist() for m in self.masks.heads]
-        for u in range(U.num_units):
-            k, b, h = kind[u], block[u], head[u]
-            key = (k, b, h)
-            if key not in cache:
-                hp = h
-                if h >= 0:  # map the original head index to its position among alive heads
-                    hp = alive_pos[b].index(h) if h in alive_pos[b] else None
-                cache[key] = 0.0 if hp is None else self._delta(metric, cfg, k, b, hp)
-            out[u] = cache[key]
-        return out
+        per_key = torch.zeros(len(self._keys), dtype=torch.float64)
+        for i, (k, b, h) in enumerate(self._keys):
+            hp = h
+            if h >= 0:  # the original head index → its position among the alive heads
+                if h not in alive_pos[b]:
+                    continue
+                hp = alive_pos[b].index(h)
+            per_key[i] = self._delta(metric, cfg, k, b, hp)
+        return per_key[self._unit_key]
 
     # ---- saliency ------------------------------------------------------------------------------
     def accumulate(self) -> None:
@@ -285,38 +319,60 @@ class Pruner:
         return self.ema
 
     def _rank_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ΔC per unit in the target metric as a fraction of dense, η·ΔLat/Lat_dense per unit)."""
+        """(ΔC per unit in the target metric as a fraction of dense, η·ΔLat/Lat_dense per unit).
+
+        A unit whose removal saves nothing in the target metric (a flat stretch of a measured latency
+        table: the grid is coarser than one unit) is costed by the FLOPs it saves, as a fraction of the
+        dense FLOPs -- the metric's best local proxy -- rather than ranked as infinitely expensive."""
         metric = self.target.metric if self.target else "flops"
         dc = self._unit_deltas(metric) / self.dense_cost[metric]
+        if metric != "flops" and bool((dc <= 0).any()):
+            flat = dc <= 0
+            dc[flat] = self._unit_deltas("flops")[flat] / self.dense_cost["flops"]
         lat = torch.zeros_like(dc)
         if self.eta:
             lat = self.eta * self._unit_deltas("latency") / self.dense_cost["latency"]
         return dc, lat
 
-    def _groups(self, sal: torch.Tensor, dc: torch.Tensor, lat: torch.Tensor, alive: torch.Tensor) -> list[_Group]:
-        """Candidate groups: per (kind, block, head) bucket, units sorted by their own rank and cut
-        into groups of the kind's group size; each group ranked as a whole."""
-        U = self.units
-        unit_rank = ((sal / dc.clamp_min(1e-12) if self.normalize == "cost" else sal) - lat).tolist()
-        sal_l, dc_l, lat_l = sal.tolist(), dc.tolist(), lat.tolist()
-        kind, block, head = U.kind.tolist(), U.block.tolist(), U.head.tolist()
-        buckets: dict[tuple, list[int]] = {}
-        for u in alive.nonzero().flatten().tolist():
-            buckets.setdefault((kind[u], block[u], head[u]), []).append(u)
-        groups = []
-        for (k, b, h), us in buckets.items():
-            us.sort(key=lambda u: (unit_rank[u], u))
-            g = self.group_size[KIND_NAMES[k]]
-            for s in range(0, len(us), g):
-                part = us[s: s + g]
-                if len(part) < g and len(us) >= g:
-                    break  # a partial group would break the dims' multiple of g
-                cost = sum(dc_l[u] for u in part)
-                gs, gl = sum(sal_l[u] for u in part), sum(lat_l[u] for u in part)
-                rank = (gs / max(cost, 1e-12) if self.normalize == "cost" else gs) - gl
-                groups.append(_Group(part, k, b, h, rank, cost))
-        groups.sort(key=lambda g: (g.rank, g.units[0]))
-        return groups
+    def _groups(self, sal: torch.Tensor, dc: torch.Tensor, lat: torch.Tensor, alive: torch.Tensor):
+        """Candidate groups, ranked: per bucket the alive units sorted by their own rank and cut into
+        groups of the kind's group size (a trailing partial group is dropped unless it is the bucket's
+        only one, so dims stay multiples of the size); each group ranked as a whole. Vectorised.
+        Returns (unit ids sorted into groups, each group's start offset among them, group ranks, group
+        costs, group ids in rank order)."""
+        cost_norm = self.normalize == "cost"
+        unit_rank = (sal / dc.clamp_min(1e-12) if cost_norm else sal) - lat
+        units = alive.nonzero().flatten()
+        if units.numel() == 0:
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty, empty, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        # sort by (bucket, unit rank, unit id): stable sorts from the last key to the first
+        units = units[torch.argsort(unit_rank[units], stable=True)]
+        units = units[torch.argsort(self._unit_bucket[units], stable=True)]
+        bucket = self._unit_bucket[units]
+        n = units.numel()
+        new_bucket = torch.ones(n, dtype=torch.bool)
+        new_bucket[1:] = bucket[1:] != bucket[:-1]
+        first = torch.nonzero(new_bucket).flatten()
+        size = torch.diff(torch.cat([first, torch.tensor([n])]))
+        pos = torch.arange(n) - torch.repeat_interleave(first, size)    # position within the bucket
+        bsize = torch.repeat_interleave(size, size)
+        g = self._unit_group_size[units]
+        keep = (bsize < g) | (pos < (bsize // g) * g)                     # drop trailing partial groups
+        units, bucket, pos, g = units[keep], bucket[keep], pos[keep], g[keep]
+        starts = torch.ones(units.numel(), dtype=torch.bool)               # a group starts at a new bucket
+        starts[1:] = (bucket[1:] != bucket[:-1]) | (pos[1:] // g[1:] != pos[:-1] // g[:-1])
+        gid = torch.cumsum(starts.long(), 0) - 1
+        n_groups = int(gid[-1]) + 1 if gid.numel() else 0
+        gsal = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, gid, sal[units].double())
+        gcost = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, gid, dc[units].double())
+        glat = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, gid, lat[units].double())
+        grank = (gsal / gcost.clamp_min(1e-12) if cost_norm else gsal) - glat
+        gstart = torch.nonzero(starts).flatten()
+        first_unit = units[gstart]
+        order = torch.argsort(first_unit, stable=True)                    # ties: lower first unit id first
+        order = order[torch.argsort(grank[order], stable=True)]
+        return units, gstart, grank, gcost, order
 
     def _allowed(self, g: _Group) -> bool:
         """Guards: never remove the last head, QK dim, V dim, MLP channel of a block (of a head in
@@ -348,13 +404,18 @@ class Pruner:
         if self.allocation == "uniform":
             return self._uniform_step(sal, alive, n_units)
         dc, lat = self._rank_terms()
-        groups = self._groups(sal, dc, lat, alive)
+        units, gstart, _, gcost, order = self._groups(sal, dc, lat, alive)
+        gend = torch.cat([gstart[1:], torch.tensor([units.numel()])])
         frac = self.fraction() if self.target else 1.0
         removed = {k: 0 for k in KIND_NAMES}
         count = 0
-        for g in groups:
+        U = self.units
+        for gi in order.tolist():  # visits only the groups it removes or the guards skip
             if count >= n_units or (self.target and frac <= self.target.fraction):
                 break
+            us = units[int(gstart[gi]):int(gend[gi])].tolist()
+            u0 = us[0]
+            g = _Group(us, int(U.kind[u0]), int(U.block[u0]), int(U.head[u0]), 0.0, float(gcost[gi]))
             if not self._allowed(g):
                 continue
             for u in g.units:

@@ -191,11 +191,14 @@ class ViTAdapter:
         """(list of (parameter, TensorMap), UnitIndex) of this model in the given granularity."""
         m = self.model
         proj = m.patch_embed.proj
+        norms = self.norm_names()
         maps, units = vit_maps(
             self.layout, granularity,
             patch_dim=proj.weight[0].numel(), num_pos=m.pos_embed.shape[1],
-            prefix_tokens=self.prefix_token_names(), classifier_heads=self.classifier_names(),
-            num_classes=self._num_classes(), extra_norms=self.norm_names())
+            prefix_tokens=[(n, getattr(m, n).shape[1]) for n in self.prefix_token_names()],
+            classifier_heads=self.classifier_names(), num_classes=self._num_classes(),
+            pre_norm="norm_pre" if "norm_pre" in norms else None,
+            final_norms=[n for n in norms if n != "norm_pre"])
         params = dict(m.named_parameters())
         out = []
         for name, tmap in maps:

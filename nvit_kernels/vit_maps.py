@@ -16,11 +16,17 @@ that enter the sum are exactly those a gate scales:
 - V dim j of head h: a gate on channel j of o_h; dL/dm = Σ over proj column (h, j) of w·g.
 - MLP channel j: a gate on the hidden activation after the nonlinearity; dL/dm = Σ over fc2 column
   j of w·g. (fc1 row j is before the nonlinearity, so it is not a gate on the channel.)
-- embedding channel c (global, shared by every block through the residual stream): the paper's
-  per-parameter definition, Σ of w·g over every parameter that carries channel c: patch-embedding
-  rows and bias, position embedding and class/dist/register token columns, every norm's weight and
-  bias, LayerScale, qkv/fc1 input columns, proj/fc2 output rows and biases, classifier columns.
-
+- embedding channel c (global, shared by every block through the residual stream): ONE gate m_c
+  applied wherever the channel is written into the stream or read from it, so dL/dm_c sums one term
+  per site, each counted once:
+  writes -- the embedding stage (patch-embedding row c and bias, position-embedding and
+  class/dist/register token columns c; with a pre-norm (CLIP) the stream starts at norm_pre's output,
+  so its γ_c/β_c instead), each block's attention output (proj row c and bias) and MLP output (fc2 row
+  c and bias); reads -- each LayerNorm output that a consumer reads (norm1, norm2 and the final norm /
+  fc_norm: γ_c and β_c), or, with no final norm, the classifier's input column c.
+  Not added: the consumers' input columns after a norm (qkv/fc1/classifier columns: the same
+  first-order term as the norm's γ/β) and LayerScale's γ (the same term as the proj/fc2 row it
+  scales) -- counting both would count each site twice.
 Granularity "aligned" (the paper): one QK (V) unit per dim index of a block, shared by all heads, so
 its sum runs over that dim of every head. "per-head": one unit per (head, dim).
 """
@@ -157,51 +163,55 @@ def block_maps(b: BlockDims, bi: int, embed_units: torch.Tensor, alloc: _UnitAll
 
     emb_vec = TensorMap(D, 1, [embed_units])
     p = prefix
+    # Embedding terms: the norms' outputs (reads) and the branch outputs (writes); see the docstring.
     maps = [
         (p + "norm1.weight", emb_vec), (p + "norm1.bias", emb_vec),
-        (p + "attn.qkv.weight", TensorMap(n_qkv, D, [qkv_rows], [embed_units])),
+        (p + "attn.qkv.weight", TensorMap(n_qkv, D, [qkv_rows])),
         (p + "attn.proj.weight", TensorMap(D, n_v, [embed_units], [proj_head, proj_v])),
         (p + "attn.proj.bias", emb_vec),
         (p + "norm2.weight", emb_vec), (p + "norm2.bias", emb_vec),
-        (p + "mlp.fc1.weight", TensorMap(b.mlp, D, [], [embed_units])),
         (p + "mlp.fc2.weight", TensorMap(D, b.mlp, [embed_units], [mlp_u])),
         (p + "mlp.fc2.bias", emb_vec),
     ]
     if b.qkv_bias:
         maps.append((p + "attn.qkv.bias", TensorMap(n_qkv, 1, [qkv_rows])))
-    if b.layer_scale:
-        maps += [(p + "ls1.gamma", emb_vec), (p + "ls2.gamma", emb_vec)]
     return maps
 
 
 def vit_maps(layout: ViTLayout, granularity: str = "aligned", *, patch_dim: int, num_pos: int,
-             prefix_tokens: Sequence[str] = ("cls_token",), pos_embed: bool = True,
+             prefix_tokens: Sequence[str | tuple[str, int]] = ("cls_token",), pos_embed: bool = True,
              classifier_heads: Sequence[str] = ("head",), num_classes: int = 1000,
-             extra_norms: Sequence[str] = ("norm",)) -> tuple[list[tuple[str, TensorMap]], UnitIndex]:
+             pre_norm: str | None = None, final_norms: Sequence[str] = ("norm",)
+             ) -> tuple[list[tuple[str, TensorMap]], UnitIndex]:
     """All saliency maps of a ViT, keyed by timm parameter name, and the meaning of each unit.
 
-    patch_dim: in_chans·patch²; num_pos: rows of pos_embed; prefix_tokens: token parameters
-    ("cls_token", "dist_token", "reg_token"); classifier_heads: Linear heads reading the embedding.
-    Parameters absent from the result (fc1 bias, classifier bias) enter no saliency sum.
+    patch_dim: in_chans·patch²; num_pos: rows of pos_embed; prefix_tokens: token parameters, as names
+    (one token) or (name, tokens) ("reg_token" holds several); classifier_heads: Linear heads reading
+    the embedding; pre_norm: the LayerNorm the stream starts with (CLIP's norm_pre), if any;
+    final_norms: the LayerNorms between the stream and the classifier (norm or fc_norm).
+    Parameters absent from the result enter no saliency sum.
     """
     alloc = _UnitAlloc()
     D = layout.embed
     emb = alloc.take(EMBED, -1, -1, D)
     emb_vec = TensorMap(D, 1, [emb])
-    maps: list[tuple[str, TensorMap]] = [
-        ("patch_embed.proj.weight", TensorMap(D, patch_dim, [emb])),
-        ("patch_embed.proj.bias", emb_vec),
-    ]
-    if pos_embed:
-        maps.append(("pos_embed", TensorMap(num_pos, D, [], [emb])))
-    for tok in prefix_tokens:
-        maps.append((tok, TensorMap(1, D, [], [emb])))
+    maps: list[tuple[str, TensorMap]] = []
+    if pre_norm:  # the stream is written by the pre-norm's output
+        maps += [(pre_norm + ".weight", emb_vec), (pre_norm + ".bias", emb_vec)]
+    else:  # written by patch embedding + position embedding + tokens
+        maps += [("patch_embed.proj.weight", TensorMap(D, patch_dim, [emb])), ("patch_embed.proj.bias", emb_vec)]
+        if pos_embed:
+            maps.append(("pos_embed", TensorMap(num_pos, D, [], [emb])))
+        for tok in prefix_tokens:
+            name, rows = (tok, 1) if isinstance(tok, str) else tok
+            maps.append((name, TensorMap(rows, D, [], [emb])))
     for bi, b in enumerate(layout.blocks):
         maps += block_maps(b, bi, emb, alloc, granularity, layout.qkv_order, f"blocks.{bi}.")
-    for n in extra_norms:
+    for n in final_norms:
         maps += [(n + ".weight", emb_vec), (n + ".bias", emb_vec)]
-    for h in classifier_heads:
-        maps.append((h + ".weight", TensorMap(num_classes, D, [], [emb])))
+    if not final_norms:  # the classifier reads the stream itself
+        for h in classifier_heads:
+            maps.append((h + ".weight", TensorMap(num_classes, D, [], [emb])))
     return maps, alloc.index()
 
 

@@ -10,6 +10,9 @@ VARIANTS = {
     "distilled": dict(distilled=True),
     "layerscale_nobias": dict(init_values=0.5, qkv_bias=False),
     "reg_avg_fcnorm": dict(reg_tokens=2, no_embed_class=True, global_pool="avg", fc_norm=True),
+    "dinov2_reg": dict(reg_tokens=4, init_values=0.5, no_embed_class=True),  # LayerScale + registers
+    "clip_prenorm": dict(pre_norm=True),
+    "no_final_norm": dict(final_norm=False),
 }
 
 

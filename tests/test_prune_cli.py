@@ -140,3 +140,19 @@ def test_yaml_config_and_unknown_keys(tiny_nvit, tmp_path, capsys):
 def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "nvit.prune", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--target-metric" in r.stdout
+
+
+def test_unsupported_model_refused_before_data_or_evaluation(tmp_path, capsys):
+    """A model nvit cannot prune exactly is named before any data is read or the dense model is
+    evaluated (exit 2)."""
+    import timm
+
+    ck = tmp_path / "cnn.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("resnet18", num_classes=10).state_dict().items()},
+              str(ck))
+    out = tmp_path / "run"
+    assert _run(["--model", "resnet18", "--checkpoint", ck, "--data", tmp_path / "no-such-data", "--out", out,
+                 *FAST]) == 2
+    captured = capsys.readouterr()
+    assert "nvit prunes timm VisionTransformer models" in captured.err and "ResNet" in captured.err
+    assert "dense model: top-1" not in captured.out + captured.err

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import nvit
 from nvit import Pruner, Target, TargetUnreachableError
 from nvit.cost import count_flops, count_params
-from nvit_kernels.vit_maps import KIND_NAMES
+from nvit_kernels.vit_maps import KIND_NAMES, MLP
 from _vit_factory import tiny_vit
 
 GRANS = ["aligned", "per-head"]
@@ -222,3 +222,66 @@ def test_baselines_uniform_allocation_and_magnitude_criterion():
     assert torch.allclose(pruner.scores[mlp0].double(), expect, rtol=1e-4)
     pruner.prune_to_target(n_per_step=32)
     assert pruner.fraction() <= 0.5
+
+
+def test_dinov2_with_registers_prunes_and_converts_exactly():
+    """DINOv2-reg (LayerScale + 4 register tokens, timm's own builder, random init): the register
+    tokens used to crash the saliency kernel; now the model prunes and converts exactly."""
+    import copy
+
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56, depth=2,
+                              num_classes=7)
+    pruner = Pruner(model, Target("flops", 0.5), granularity="per-head")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        model.zero_grad()
+        F.cross_entropy(model(torch.randn(2, 3, 56, 56, generator=g)), torch.randint(0, 7, (2,), generator=g)).backward()
+        pruner.accumulate()
+    pruner.prune_to_target(n_per_step=512)
+    model.eval()
+    nv = pruner.convert()
+    assert count_flops(nv.config) <= 0.5 * count_flops(pruner.dense_config)
+    assert nv.config.reg_tokens == 4 and nv.config.layer_scale
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref, out = copy.deepcopy(model)(x), nv(x)
+    assert (ref - out).abs().max() <= 1e-5 * ref.abs().max().clamp_min(1)
+
+
+def test_unreachable_target_honours_group_sizes_before_any_step():
+    """With the CLI's group sizes the smallest allowed model keeps 4 embedding channels, 2 QK/V dims
+    and 8 MLP channels: 0.1 % of the FLOPs is unreachable, and that is said at construction."""
+    from nvit.tiny_model import create_embedded_model
+
+    groups = {"embed": 4, "head": 1, "qk": 2, "v": 2, "mlp": 8}
+    with pytest.raises(TargetUnreachableError, match="unreachable"):
+        Pruner(create_embedded_model(pretrained=False), Target("flops", 0.001), group_size=groups)
+    Pruner(create_embedded_model(pretrained=False), Target("flops", 0.01), group_size=groups)  # reachable
+
+
+def test_units_on_a_flat_stretch_of_the_latency_table_are_still_ranked():
+    """A latency table flat along the MLP axis says removing MLP channels saves nothing; they must
+    then be costed by the FLOPs they save, not ranked as infinitely important."""
+    from nvit.latency import LatencyGrid, LatencyTable
+    from nvit.structures import ViTAdapter
+    from nvit.tiny_model import create_embedded_model
+
+    model = create_embedded_model(pretrained=False)
+    cfg = ViTAdapter(model).nvit_config(ViTAdapter(model).full_masks())
+    import numpy as np
+
+    grid = LatencyGrid.for_model(cfg, points=3)
+    vals = np.zeros(grid.shape)
+    for idx, (e, h, qk, v, m) in grid.points():
+        vals[idx] = 1e-9 * (e * h * (2 * qk + v) + 50 * h * (qk + v)) + 1e-6  # no MLP term at all
+    table = LatencyTable(grid, vals, {"synthetic": True})
+    pruner = Pruner(model, Target("latency", 0.7), latency_table=table, group_size={"mlp": 8})
+    U = pruner.units
+    pruner.scores.fill_(1.0)
+    pruner.scores[U.kind == MLP] = 1e-6  # near-useless MLP channels
+    pruner.n_batches = 1
+    info = pruner.prune_step(64)
+    assert info.removed["mlp"] == 64
