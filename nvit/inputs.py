@@ -16,6 +16,7 @@ from .settings import RunError
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
+LOCAL_DIR_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # timm's hub layout, in its order of preference
 def read_state_dict(path: Path) -> dict:
     try:
         if path.suffix == ".safetensors":
@@ -70,12 +71,22 @@ def load_timm_model(spec: str, checkpoint: str | None, s: dict, what: str = "--m
         if not (folder / "config.json").is_file():
             raise RunError(f"{what} {spec}: no config.json in {folder} (timm's hub layout: config.json with "
                            f"'architecture' and 'model_args', plus model.safetensors or pytorch_model.bin)")
+        weights = [folder / f for f in LOCAL_DIR_WEIGHTS if (folder / f).is_file()]
+        if not weights:
+            raise RunError(f"{what} {spec}: no weights in {folder} (expected one of {', '.join(LOCAL_DIR_WEIGHTS)})")
         kw = {k: s[k] for k in ("img_size", "in_chans") if s.get(k)}
-        try:
-            model = timm.create_model(spec, pretrained=True, **kw)
+        try:  # timm reads config.json (architecture, model_args, pretrained cfg) and builds the model
+            model = timm.create_model(spec, pretrained=False, **kw)
         except Exception as e:  # timm raises RuntimeError/KeyError/FileNotFoundError for bad folders
             raise RunError(f"{what} {spec} cannot be built ({type(e).__name__}: {e})") from None
-        return model.eval(), {"source": "timm-local-dir", "model": spec}
+        # The weights are read here (safetensors or a torch state dict, strictly): timm < 1.0.2x
+        # torch.load()s a local folder's model.safetensors.
+        try:
+            model.load_state_dict(read_state_dict(weights[0]))
+        except RuntimeError as e:
+            raise RunError(f"{what} {spec}: {weights[0].name} does not fit the architecture in config.json: "
+                           f"{e}") from None
+        return model.eval(), {"source": "timm-local-dir", "model": spec, "weights": weights[0].name}
     if not timm.is_model(spec):
         close = timm.list_models(f"*{spec.split('_')[0]}*")[:8]
         raise RunError(f"{what}: unknown timm model {spec!r}" + (f"; similar: {', '.join(close)}" if close else ""))

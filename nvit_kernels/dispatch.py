@@ -6,7 +6,7 @@ backend is unavailable the next one runs, and a warning says so once per (op, ba
 unless the preferred backend is the compiled extension and that extension exists but cannot be
 loaded (see ``_native``): then selecting raises, unless ``NVIT_ALLOW_REFERENCE=1``.
 Tests and benchmarks force a backend with :func:`use_backend`; :func:`used` tells which backends
-the ops actually ran on (what a run reports).
+the automatic choice ran the ops on (what a run reports).
 """
 from __future__ import annotations
 
@@ -154,10 +154,11 @@ def select(op: str, device: torch.device) -> str:
     b, why = _choose(op, device)
     if why:
         _warn_once(op, preference(device)[0], why, b)
-    _used.setdefault(op, {}).setdefault(device.type, set()).add(b)
+    if getattr(_state, "forced", None) is None:  # a backend forced by use_backend() is a test's choice
+        _used.setdefault(op, {}).setdefault(device.type, set()).add(b)
     return b
 
 
 def used() -> dict[str, dict[str, list[str]]]:
-    """{op: {device type: [backends]}} of every call selected in this process so far."""
+    """{op: {device type: [backends]}} the automatic choice selected in this process so far."""
     return {op: {d: sorted(bs) for d, bs in per_dev.items()} for op, per_dev in _used.items()}

@@ -43,7 +43,7 @@ def test_local_dir_model_with_a_separate_teacher(tmp_path):
     out = tmp_path / "run"
     assert _run(["--model", f"local-dir:{student}", "--teacher", f"local-dir:{teacher}", "--out", out, *FAST]) == 0
     r = json.loads((out / "report.json").read_text())
-    assert r["model"] == {"source": "timm-local-dir", "model": f"local-dir:{student}"}
+    assert r["model"] == {"source": "timm-local-dir", "model": f"local-dir:{student}", "weights": "model.safetensors"}
     assert r["teacher"]["soft"]["model"] == f"local-dir:{teacher}"
     assert r["pruned"]["flops"] <= 0.5 * r["dense"]["flops"]
 
