@@ -53,7 +53,7 @@ def _attention_backward_flops(qk_dims: Sequence[int], v_dims: Sequence[int], tok
 
 def block_flops(embed_dim: int, block_cfg: BlockConfig, tokens: int, batch_size: int = 1) -> int:
     """Forward FLOPs of one NViT block (qkv, attention, proj, fc1, fc2) on `tokens` tokens."""
-    D, c = embed_dim, block_cfg
+    D, c = embed_dim, block_cfg  # a removed branch (no heads / mlp == 0) costs nothing
     per_token = 2 * D * c.qkv_out + 2 * sum(c.v_dims) * D + 2 * D * c.mlp + 2 * c.mlp * D
     return batch_size * tokens * per_token + attention_flops(c.qk_dims, c.v_dims, tokens, batch_size)
 
@@ -62,12 +62,14 @@ def block_params(embed_dim: int, block_cfg: BlockConfig, *, qkv_bias: bool = Tru
                  layer_scale: bool = False) -> int:
     """Parameters of one NViT block (two LayerNorms, qkv, proj, optional LayerScales, fc1, fc2)."""
     D, c = embed_dim, block_cfg
-    return (2 * D                                          # norm1
+    attn = (2 * D                                          # norm1
             + _linear_params(D, c.qkv_out, qkv_bias)
             + _linear_params(sum(c.v_dims), D, proj_bias)
-            + (2 * D if layer_scale else 0)                # ls1, ls2
-            + 2 * D                                        # norm2
-            + _linear_params(D, c.mlp) + _linear_params(c.mlp, D))
+            + (D if layer_scale else 0))                   # ls1
+    mlp = (2 * D                                           # norm2
+           + _linear_params(D, c.mlp) + _linear_params(c.mlp, D)
+           + (D if layer_scale else 0))                    # ls2
+    return (attn if c.has_attn else 0) + (mlp if c.has_mlp else 0)
 
 
 def _n_heads_out(config: NViTConfig) -> int:

@@ -307,7 +307,16 @@ class LatencyTable:
         return max(0.0, float(sub))
 
     def block_config_latency(self, embed: int, block_cfg: BlockConfig) -> float:
-        """Latency of a block with `block_cfg`: heads = its head count, qk / v = its mean per-head dims."""
+        """Latency of a block with `block_cfg`: heads = its head count, qk / v = its mean per-head dims.
+
+        A removed branch is modelled by extrapolating its axis to 0 (heads = 0 with the grid's smallest
+        QK/V dims, or mlp = 0): the table is measured on whole blocks, so a block without a branch is
+        an extrapolation, not a measurement."""
+        if not block_cfg.has_attn and not block_cfg.has_mlp:
+            return 0.0
+        if not block_cfg.has_attn:
+            qk, v = self.grid.axes[2][0], self.grid.axes[3][0]
+            return self.block_latency(embed, 0, qk, v, block_cfg.mlp)
         return self.block_latency(embed, block_cfg.heads, float(np.mean(block_cfg.qk_dims)),
                                   float(np.mean(block_cfg.v_dims)), block_cfg.mlp)
 

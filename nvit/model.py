@@ -26,10 +26,20 @@ class BlockConfig:
 
     def __post_init__(self):
         n = len(self.qk_dims)
-        if n < 1 or len(self.v_dims) != n or len(self.scales) != n:
-            raise ValueError("nvit: a block needs ≥1 head and one QK dim, V dim and scale per head")
-        if min(self.qk_dims) < 1 or min(self.v_dims) < 1 or self.mlp < 1:
+        if len(self.v_dims) != n or len(self.scales) != n:
+            raise ValueError("nvit: a block needs one QK dim, V dim and scale per head")
+        if min(self.qk_dims + self.v_dims, default=1) < 1 or self.mlp < 0:
             raise ValueError(f"nvit: block dims must be ≥1, got qk={self.qk_dims} v={self.v_dims} mlp={self.mlp}")
+
+    @property
+    def has_attn(self) -> bool:
+        """False when the whole attention branch was removed (no heads: the block skips it)."""
+        return len(self.qk_dims) > 0
+
+    @property
+    def has_mlp(self) -> bool:
+        """False when the whole MLP branch was removed (mlp == 0: the block skips it)."""
+        return self.mlp > 0
 
     @property
     def heads(self) -> int:
@@ -151,19 +161,28 @@ class Mlp(nn.Module):
 
 
 class NViTBlock(nn.Module):
+    """timm's pre-norm block; a branch whose structures were all removed (no heads, or mlp == 0) is
+    absent, and the block passes the stream through it unchanged."""
+
     def __init__(self, dim: int, cfg: BlockConfig, *, qkv_bias: bool = True, proj_bias: bool = True,
                  qk_norm: bool = False, layer_scale: bool = False, norm_eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = UnevenAttention(dim, cfg, qkv_bias, proj_bias, qk_norm, norm_eps)
-        self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, cfg.mlp)
-        self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
+        self.has_attn, self.has_mlp = cfg.has_attn, cfg.has_mlp
+        if self.has_attn:
+            self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+            self.attn = UnevenAttention(dim, cfg, qkv_bias, proj_bias, qk_norm, norm_eps)
+            self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
+        if self.has_mlp:
+            self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+            self.mlp = Mlp(dim, cfg.mlp)
+            self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
 
     def forward(self, x):
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        if self.has_attn:
+            x = x + self.ls1(self.attn(self.norm1(x)))
+        if self.has_mlp:
+            x = x + self.ls2(self.mlp(self.norm2(x)))
+        return x
 
 
 class PatchEmbed(nn.Module):

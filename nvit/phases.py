@@ -211,7 +211,7 @@ class Run:
                           group_size={"embed": s["group_embed"], "head": s["group_heads"], "qk": s["group_qk"],
                                       "v": s["group_v"], "mlp": s["group_mlp"]},
                           ema_momentum=s["ema_momentum"], deterministic=True, criterion=s["criterion"],
-                          allocation=s["allocation"])
+                          allocation=s["allocation"], branches=bool(s["prune_branches"]))
         except TargetUnreachableError as e:
             raise RunError(str(e)) from None
 

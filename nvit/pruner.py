@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from nvit_kernels.saliency import SaliencyPlan, saliency_accumulate
-from nvit_kernels.vit_maps import EMBED, GRANULARITIES, HEAD, KIND_NAMES, MLP, QK, V
+from nvit_kernels.vit_maps import ATTN_BRANCH, EMBED, GRANULARITIES, HEAD, KIND_NAMES, MLP, MLP_BRANCH, QK, V
 
 from .model import BlockConfig, NViT, NViTConfig
 from .structures import Masks, ViTAdapter
@@ -81,12 +81,15 @@ class Pruner:
     granularity: "aligned" (QK/V dims removed from every head of a block at once, the paper) or
     "per-head" (each head keeps its own QK and V dims). group_size: units removed together per
     kind (dims stay multiples of it: hardware-friendly rounding), e.g. {"mlp": 16, "qk": 8}.
+    branches: also rank each block's whole attention and MLP branch (layer skipping, as in UVC) in
+    the same pool; a removed branch is absent from the converted model.
     """
 
     def __init__(self, model: nn.Module, target: Target | None = None, *, granularity: str = "aligned",
                  normalize: str = "cost", eta: float = 0.0, latency_table=None,
                  group_size: dict[str, int] | None = None, ema_momentum: float = 0.9,
-                 deterministic: bool = False, criterion: str = "hessian", allocation: str = "global"):
+                 deterministic: bool = False, criterion: str = "hessian", allocation: str = "global",
+                 branches: bool = False):
         if granularity not in GRANULARITIES:
             raise ValueError(f"nvit: granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if criterion not in ("hessian", "magnitude"):
@@ -102,7 +105,7 @@ class Pruner:
         self.model, self.target, self.granularity = model, target, granularity
         self.normalize, self.eta, self.table = normalize, float(eta), latency_table
         self.ema_momentum, self.deterministic = ema_momentum, deterministic
-        self.criterion, self.allocation = criterion, allocation
+        self.criterion, self.allocation, self.branches = criterion, allocation, bool(branches)
         gs = {k: 1 for k in KIND_NAMES}
         for k, v in (group_size or {}).items():
             if k not in gs or int(v) < 1:
@@ -113,7 +116,7 @@ class Pruner:
         self.adapter = ViTAdapter(model)
         self.masks = self.adapter.full_masks()
         self.adapter.install_norms(self.masks)
-        pairs, self.units = self.adapter.saliency_maps(granularity)
+        pairs, self.units = self.adapter.saliency_maps(granularity, branches=self.branches)
         self.params = [p for p, _ in pairs]
         self.device = self.params[0].device
         self.plan = SaliencyPlan.build([t for _, t in pairs], self.units.num_units, device=self.device)
@@ -190,7 +193,8 @@ class Pruner:
             else:
                 qk = sorted(b.qk_dims)[:heads]
             v = [min(floor(d, "v") for d in b.v_dims)] * heads
-            blocks.append(BlockConfig(qk, v, floor(b.mlp, "mlp"), b.scales[:heads]))
+            blocks.append(BlockConfig([], [], 0, []) if self.branches
+                          else BlockConfig(qk, v, floor(b.mlp, "mlp"), b.scales[:heads]))
         d = c.to_dict()
         d.update(embed_dim=floor(c.embed_dim, "embed"), blocks=blocks)
         return NViTConfig(**d)
@@ -217,6 +221,9 @@ class Pruner:
             return self._metric(metric, cfg) - self._metric(metric, smaller)
         b = cfg.blocks[block]
         qk, v, sc, mlp = list(b.qk_dims), list(b.v_dims), list(b.scales), b.mlp
+        if kind in (ATTN_BRANCH, MLP_BRANCH):
+            rest = BlockConfig([], [], mlp, []) if kind == ATTN_BRANCH else BlockConfig(qk, v, 0, sc)
+            return self._block_metric(metric, cfg, b) - self._block_metric(metric, cfg, rest)
         if kind == HEAD:
             del qk[head], v[head], sc[head]
         elif kind in (QK, V):
@@ -272,6 +279,9 @@ class Pruner:
         kind, block, head, index = U.kind, U.block, U.head, U.index
         e = kind == EMBED
         alive[e] = M.embed[index[e]]
+        for k, on in ((ATTN_BRANCH, M.attn_on), (MLP_BRANCH, M.mlp_on)):
+            sel = kind == k
+            alive[sel] = on[block[sel]]
         for b in range(len(M.heads)):
             sel = block == b
             hs = sel & (kind == HEAD)
@@ -292,6 +302,14 @@ class Pruner:
         M = self.masks
         if k == EMBED:
             M.embed[i] = False
+        elif k == ATTN_BRANCH:  # the whole branch: every head goes with it
+            M.attn_on[b] = False
+            M.heads[b][:] = False
+            M.qk[b][:] = False
+            M.v[b][:] = False
+        elif k == MLP_BRANCH:
+            M.mlp_on[b] = False
+            M.mlp[b][:] = False
         elif k == HEAD:  # a head unit's head is its index
             M.heads[b][i] = False
             M.qk[b][i] = False
@@ -376,13 +394,17 @@ class Pruner:
 
     def _allowed(self, g: _Group) -> bool:
         """Guards: never remove the last head, QK dim, V dim, MLP channel of a block (of a head in
-        per-head granularity), nor the last embedding channel."""
+        per-head granularity), nor the last embedding channel; only a branch unit removes a whole branch."""
         M, n = self.masks, len(g.units)
         if g.kind == QK and not self.adapter.qk_prunable:
             return False  # q/k norm: removing a QK dim changes the other dims' normalisation
         if g.kind == EMBED:
             return int(M.embed.sum()) - n >= 1
         b = g.block
+        if g.kind == ATTN_BRANCH:
+            return bool(M.attn_on[b])
+        if g.kind == MLP_BRANCH:
+            return bool(M.mlp_on[b])
         if g.kind == HEAD:
             return (all(bool(M.heads[b][int(self.units.index[u])]) for u in g.units)
                     and int(M.heads[b].sum()) - n >= 1)
@@ -507,7 +529,7 @@ class Pruner:
 
     # ---- conversion and state ----------------------------------------------------------------
     def convert(self, provenance: dict | None = None) -> NViT:
-        prov = {"granularity": self.granularity, "prune_steps": self.steps,
+        prov = {"granularity": self.granularity, "prune_steps": self.steps, "branches": self.branches,
                 "target": None if self.target is None else {"metric": self.target.metric,
                                                             "fraction": self.target.fraction}}
         prov.update(provenance or {})

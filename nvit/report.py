@@ -74,7 +74,8 @@ def finish(r, nv, pruning: dict, *, dense_top1: float, top1: float, t_start: flo
 
 def plot_dims(dense: NViTConfig, pruned: NViTConfig, path: Path, title: str = "") -> None:
     """PNG of heads, QK dims, V dims and MLP width per block, dense vs pruned (like the paper's
-    redistribution figures). QK/V are summed over heads (per-head dims can differ)."""
+    redistribution figures). QK/V are summed over heads (per-head dims can differ); a removed
+    attention (MLP) branch is marked ✕ on its axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,6 +88,10 @@ def plot_dims(dense: NViTConfig, pruned: NViTConfig, path: Path, title: str = ""
     for ax, (name, f) in zip(axes, rows):
         ax.bar(x, [f(b) for b in dense.blocks], color="#d9d9d9", label="dense")
         ax.bar(x, [f(b) for b in pruned.blocks], color="#2b7bba", label="pruned")
+        mlp_axis = name.startswith("MLP")
+        for i, b in enumerate(pruned.blocks):  # a whole branch removed: marked on its axes
+            if (b.has_mlp if mlp_axis else b.has_attn) is False:
+                ax.text(i, 0, "✕", ha="center", va="bottom", color="#c0392b", fontsize=12, fontweight="bold")
         ax.set_title(name)
         ax.set_xlabel("block")
         ax.set_xticks(x)
@@ -116,8 +121,11 @@ def summary_text(report: dict, out: Path) -> str:
         "  per block (heads | QK per head | V per head | MLP):",
     ]
     for i, b in enumerate(report["architecture"]["blocks"]):
-        lines.append(f"    {i:2d}: {len(b['qk_dims']):2d} | {_dims(b['qk_dims']):>14s} | {_dims(b['v_dims']):>14s}"
-                     f" | {b['mlp']}")
+        if b["qk_dims"]:
+            attn = f"{len(b['qk_dims']):2d} | {_dims(b['qk_dims']):>14s} | {_dims(b['v_dims']):>14s}"
+        else:
+            attn = f"{'attention branch removed':^36s}"
+        lines.append(f"    {i:2d}: {attn} | {b['mlp'] if b['mlp'] else 'MLP branch removed'}")
     lines.append(f"  embedding {report['architecture']['embed_dim']}/{report['architecture']['dense_embed_dim']}; "
                  f"took {report['timings'].get('total_s', 0):.0f} s")
     k = report["kernels"]

@@ -102,6 +102,8 @@ FLAGS: tuple[Flag, ...] = (
     F("group_mlp", 8, "MLP channels removed together", "target and ranking", int, check=positive),
     F("ema_momentum", 0.9, "EMA of the saliency across prune steps", "target and ranking", float, check=unit_interval),
     F("latency_points", 3, "latency table grid points per axis", "target and ranking", int, check=positive),
+    F("prune_branches", False, "also rank each block's whole attention and MLP branch (layer skipping, as in UVC); "
+      "a removed branch is absent from the converted model", "target and ranking"),
     # schedule
     F("prune_every", 10, "iterations between prune steps (K)", "schedule", int, check=positive),
     F("prune_units", None, "units removed per prune step (N; default: sized so the target is met two thirds "

@@ -60,8 +60,10 @@ class KeptLayerNorm(nn.Module):
 class Masks:
     """Keep-masks (bool) of every structure, always stored per head.
 
-    embed [D]; per block: heads [H], qk [H, dqk], v [H, dv], mlp [M]. A removed head's QK and V
-    entries are False too. In "aligned" granularity the qk/v rows of all alive heads are equal.
+    embed [D]; per block: heads [H], qk [H, dqk], v [H, dv], mlp [M]; attn_on / mlp_on [depth]: whether
+    each block keeps its attention / MLP branch. A removed head's QK and V entries are False too, and
+    so are all heads (all MLP channels) of a removed branch. In "aligned" granularity the qk/v rows of
+    all alive heads are equal.
     """
 
     embed: torch.Tensor
@@ -69,13 +71,22 @@ class Masks:
     qk: list[torch.Tensor]
     v: list[torch.Tensor]
     mlp: list[torch.Tensor]
+    attn_on: torch.Tensor | None = None
+    mlp_on: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.attn_on is None:
+            self.attn_on = torch.ones(len(self.heads), dtype=torch.bool)
+        if self.mlp_on is None:
+            self.mlp_on = torch.ones(len(self.heads), dtype=torch.bool)
 
     def clone(self) -> "Masks":
         return Masks(self.embed.clone(), [t.clone() for t in self.heads], [t.clone() for t in self.qk],
-                     [t.clone() for t in self.v], [t.clone() for t in self.mlp])
+                     [t.clone() for t in self.v], [t.clone() for t in self.mlp], self.attn_on.clone(),
+                     self.mlp_on.clone())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        d = {"embed": self.embed}
+        d = {"embed": self.embed, "attn_on": self.attn_on, "mlp_on": self.mlp_on}
         for i in range(len(self.heads)):
             d.update({f"heads.{i}": self.heads[i], f"qk.{i}": self.qk[i], f"v.{i}": self.v[i],
                       f"mlp.{i}": self.mlp[i]})
@@ -85,7 +96,8 @@ class Masks:
     def from_state_dict(cls, d: dict[str, torch.Tensor]) -> "Masks":
         n = sum(1 for k in d if k.startswith("heads."))
         g = lambda k: [d[f"{k}.{i}"].bool() for i in range(n)]  # noqa: E731
-        return cls(d["embed"].bool(), g("heads"), g("qk"), g("v"), g("mlp"))
+        on = lambda k: d[k].bool() if k in d else None  # noqa: E731  (masks saved before branches existed)
+        return cls(d["embed"].bool(), g("heads"), g("qk"), g("v"), g("mlp"), on("attn_on"), on("mlp_on"))
 
     def equal(self, other: "Masks") -> bool:
         a, b = self.state_dict(), other.state_dict()
@@ -150,6 +162,10 @@ class ViTAdapter:
                 mod = getattr(m, n)
                 if not isinstance(mod, (nn.Identity, nn.LayerNorm, KeptLayerNorm)) and not _is_timm_layernorm(mod):
                     bad.append(f"{n}: {type(mod).__name__} (only LayerNorm)")
+        if self.is_nvit:
+            gone = [i for i, b in enumerate(m.blocks) if not (b.has_attn and b.has_mlp)]
+            if gone:
+                bad.append(f"blocks {gone} lost a whole branch (re-pruning such an NViT model is not supported yet)")
         if bad:
             raise UnsupportedModelError("nvit cannot prune these modules exactly: " + "; ".join(bad))
         self._has_qk_norm = m.config.qk_norm if self.is_nvit else any(
@@ -187,8 +203,9 @@ class ViTAdapter:
         m = self.model
         return [n for n in ("norm_pre", "norm", "fc_norm") if not isinstance(getattr(m, n, nn.Identity()), nn.Identity)]
 
-    def saliency_maps(self, granularity: str):
-        """(list of (parameter, TensorMap), UnitIndex) of this model in the given granularity."""
+    def saliency_maps(self, granularity: str, branches: bool = False):
+        """(list of (parameter, TensorMap), UnitIndex) of this model in the given granularity (with a
+        unit per whole attention / MLP branch when `branches`)."""
         m = self.model
         proj = m.patch_embed.proj
         norms = self.norm_names()
@@ -198,7 +215,7 @@ class ViTAdapter:
             prefix_tokens=[(n, getattr(m, n).shape[1]) for n in self.prefix_token_names()],
             classifier_heads=self.classifier_names(), num_classes=self._num_classes(),
             pre_norm="norm_pre" if "norm_pre" in norms else None,
-            final_norms=[n for n in norms if n != "norm_pre"])
+            final_norms=[n for n in norms if n != "norm_pre"], branches=branches)
         params = dict(m.named_parameters())
         out = []
         for name, tmap in maps:
@@ -287,19 +304,20 @@ class ViTAdapter:
             rows = self._qkv_row_masks(bi, masks)
             pc = self._proj_col_mask(bi, masks)
             a = blk.attn
+            ea, em = e & masks.attn_on[bi], e & masks.mlp_on[bi]  # a removed branch writes nothing
             out.append((a.qkv.weight, rows, e))
             if a.qkv.bias is not None:
                 out.append((a.qkv.bias, rows, None))
-            out.append((a.proj.weight, e, pc))
+            out.append((a.proj.weight, ea, pc))
             if a.proj.bias is not None:
-                out.append((a.proj.bias, e, None))
+                out.append((a.proj.bias, ea, None))
             mm = masks.mlp[bi]
             out.append((blk.mlp.fc1.weight, mm, e))
             if blk.mlp.fc1.bias is not None:
                 out.append((blk.mlp.fc1.bias, mm, None))
-            out.append((blk.mlp.fc2.weight, e, mm))
+            out.append((blk.mlp.fc2.weight, em, mm))
             if blk.mlp.fc2.bias is not None:
-                out.append((blk.mlp.fc2.bias, e, None))
+                out.append((blk.mlp.fc2.bias, em, None))
             out += _vec(blk.norm1, e) + _vec(blk.norm2, e)
             for ls in (blk.ls1, blk.ls2):
                 if hasattr(ls, "gamma"):
@@ -387,28 +405,32 @@ class ViTAdapter:
             sd[n + ".bias"] = h.bias
         for bi, blk in enumerate(m.blocks):
             p = f"blocks.{bi}."
-            rows = self._converted_qkv_rows(bi, masks).to(dev)
-            pc = self._proj_col_mask(bi, masks).nonzero().flatten().to(dev)
-            a = blk.attn
-            sd[p + "attn.qkv.weight"] = a.qkv.weight[rows][:, E]
-            if a.qkv.bias is not None:
-                sd[p + "attn.qkv.bias"] = a.qkv.bias[rows]
-            sd[p + "attn.proj.weight"] = a.proj.weight[E][:, pc]
-            if cfg.qk_norm:
-                for n in ("q_norm", "k_norm"):
-                    sd.update(_sliced_norm(p + "attn." + n, getattr(a, n), slice(None)))
-            if a.proj.bias is not None:
-                sd[p + "attn.proj.bias"] = a.proj.bias[E]
-            M = masks.mlp[bi].nonzero().flatten().to(dev)
-            sd[p + "mlp.fc1.weight"] = blk.mlp.fc1.weight[M][:, E]
-            sd[p + "mlp.fc1.bias"] = blk.mlp.fc1.bias[M]
-            sd[p + "mlp.fc2.weight"] = blk.mlp.fc2.weight[E][:, M]
-            sd[p + "mlp.fc2.bias"] = blk.mlp.fc2.bias[E]
-            sd.update(_sliced_norm(p + "norm1", blk.norm1, E))
-            sd.update(_sliced_norm(p + "norm2", blk.norm2, E))
-            for ls in ("ls1", "ls2"):
-                if hasattr(getattr(blk, ls), "gamma"):
-                    sd[p + ls + ".gamma"] = getattr(blk, ls).gamma[E]
+            cb = cfg.blocks[bi]
+            if cb.has_attn:  # a removed branch has no parameters in the NViT model
+                rows = self._converted_qkv_rows(bi, masks).to(dev)
+                pc = self._proj_col_mask(bi, masks).nonzero().flatten().to(dev)
+                a = blk.attn
+                sd[p + "attn.qkv.weight"] = a.qkv.weight[rows][:, E]
+                if a.qkv.bias is not None:
+                    sd[p + "attn.qkv.bias"] = a.qkv.bias[rows]
+                sd[p + "attn.proj.weight"] = a.proj.weight[E][:, pc]
+                if cfg.qk_norm:
+                    for n in ("q_norm", "k_norm"):
+                        sd.update(_sliced_norm(p + "attn." + n, getattr(a, n), slice(None)))
+                if a.proj.bias is not None:
+                    sd[p + "attn.proj.bias"] = a.proj.bias[E]
+                sd.update(_sliced_norm(p + "norm1", blk.norm1, E))
+                if hasattr(blk.ls1, "gamma"):
+                    sd[p + "ls1.gamma"] = blk.ls1.gamma[E]
+            if cb.has_mlp:
+                M = masks.mlp[bi].nonzero().flatten().to(dev)
+                sd[p + "mlp.fc1.weight"] = blk.mlp.fc1.weight[M][:, E]
+                sd[p + "mlp.fc1.bias"] = blk.mlp.fc1.bias[M]
+                sd[p + "mlp.fc2.weight"] = blk.mlp.fc2.weight[E][:, M]
+                sd[p + "mlp.fc2.bias"] = blk.mlp.fc2.bias[E]
+                sd.update(_sliced_norm(p + "norm2", blk.norm2, E))
+                if hasattr(blk.ls2, "gamma"):
+                    sd[p + "ls2.gamma"] = blk.ls2.gamma[E]
         missing, unexpected = out.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
         if missing or unexpected:
             raise RuntimeError(f"nvit: conversion mismatch: missing {missing}, unexpected {unexpected}")

@@ -27,6 +27,9 @@ that enter the sum are exactly those a gate scales:
   Not added: the consumers' input columns after a norm (qkv/fc1/classifier columns: the same
   first-order term as the norm's γ/β) and LayerScale's γ (the same term as the proj/fc2 row it
   scales) -- counting both would count each site twice.
+- whole branch (optional, layer skipping as in UVC): a gate on the attention branch's (MLP branch's)
+  output, i.e. what it adds to the stream; dL/dm = Σ over the proj (fc2) weight and bias of w·g.
+
 Granularity "aligned" (the paper): one QK (V) unit per dim index of a block, shared by all heads, so
 its sum runs over that dim of every head. "per-head": one unit per (head, dim).
 """
@@ -37,8 +40,8 @@ from typing import Sequence
 
 import torch
 
-EMBED, HEAD, QK, V, MLP = 0, 1, 2, 3, 4
-KIND_NAMES = ("embed", "head", "qk", "v", "mlp")
+EMBED, HEAD, QK, V, MLP, ATTN_BRANCH, MLP_BRANCH = 0, 1, 2, 3, 4, 5, 6
+KIND_NAMES = ("embed", "head", "qk", "v", "mlp", "attn_branch", "mlp_branch")
 GRANULARITIES = ("aligned", "per-head")
 
 
@@ -133,7 +136,7 @@ def _none(n: int) -> torch.Tensor:
 
 
 def block_maps(b: BlockDims, bi: int, embed_units: torch.Tensor, alloc: _UnitAlloc, granularity: str,
-               qkv_order: str, prefix: str) -> list[tuple[str, TensorMap]]:
+               qkv_order: str, prefix: str, branches: bool = False) -> list[tuple[str, TensorMap]]:
     """Maps of one block's parameters (timm names under `prefix`, e.g. "blocks.3.")."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"nvit: granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -149,6 +152,11 @@ def block_maps(b: BlockDims, bi: int, embed_units: torch.Tensor, alloc: _UnitAll
         qk_u = [alloc.take(QK, bi, h, b.qk_dims[h]) for h in range(H)]
         v_u = [alloc.take(V, bi, h, b.v_dims[h]) for h in range(H)]
     mlp_u = alloc.take(MLP, bi, -1, b.mlp)
+    # Whole-branch units: every output row of proj (fc2) and its bias feeds the branch's unit.
+    attn_rows, mlp_rows = [embed_units], [embed_units]
+    if branches:
+        attn_rows.append(alloc.take(ATTN_BRANCH, bi, -1, 1).repeat(D))
+        mlp_rows.append(alloc.take(MLP_BRANCH, bi, -1, 1).repeat(D))
 
     # qkv rows: only q rows feed a unit (QK dims); k and v rows feed none (see the module docstring).
     if qkv_order == "sections":
@@ -167,11 +175,11 @@ def block_maps(b: BlockDims, bi: int, embed_units: torch.Tensor, alloc: _UnitAll
     maps = [
         (p + "norm1.weight", emb_vec), (p + "norm1.bias", emb_vec),
         (p + "attn.qkv.weight", TensorMap(n_qkv, D, [qkv_rows])),
-        (p + "attn.proj.weight", TensorMap(D, n_v, [embed_units], [proj_head, proj_v])),
-        (p + "attn.proj.bias", emb_vec),
+        (p + "attn.proj.weight", TensorMap(D, n_v, attn_rows, [proj_head, proj_v])),
+        (p + "attn.proj.bias", TensorMap(D, 1, attn_rows)),
         (p + "norm2.weight", emb_vec), (p + "norm2.bias", emb_vec),
-        (p + "mlp.fc2.weight", TensorMap(D, b.mlp, [embed_units], [mlp_u])),
-        (p + "mlp.fc2.bias", emb_vec),
+        (p + "mlp.fc2.weight", TensorMap(D, b.mlp, mlp_rows, [mlp_u])),
+        (p + "mlp.fc2.bias", TensorMap(D, 1, mlp_rows)),
     ]
     if b.qkv_bias:
         maps.append((p + "attn.qkv.bias", TensorMap(n_qkv, 1, [qkv_rows])))
@@ -181,14 +189,15 @@ def block_maps(b: BlockDims, bi: int, embed_units: torch.Tensor, alloc: _UnitAll
 def vit_maps(layout: ViTLayout, granularity: str = "aligned", *, patch_dim: int, num_pos: int,
              prefix_tokens: Sequence[str | tuple[str, int]] = ("cls_token",), pos_embed: bool = True,
              classifier_heads: Sequence[str] = ("head",), num_classes: int = 1000,
-             pre_norm: str | None = None, final_norms: Sequence[str] = ("norm",)
+             pre_norm: str | None = None, final_norms: Sequence[str] = ("norm",), branches: bool = False
              ) -> tuple[list[tuple[str, TensorMap]], UnitIndex]:
     """All saliency maps of a ViT, keyed by timm parameter name, and the meaning of each unit.
 
     patch_dim: in_chans·patch²; num_pos: rows of pos_embed; prefix_tokens: token parameters, as names
     (one token) or (name, tokens) ("reg_token" holds several); classifier_heads: Linear heads reading
     the embedding; pre_norm: the LayerNorm the stream starts with (CLIP's norm_pre), if any;
-    final_norms: the LayerNorms between the stream and the classifier (norm or fc_norm).
+    final_norms: the LayerNorms between the stream and the classifier (norm or fc_norm); branches:
+    add a unit per whole attention / MLP branch of every block.
     Parameters absent from the result enter no saliency sum.
     """
     alloc = _UnitAlloc()
@@ -206,7 +215,7 @@ def vit_maps(layout: ViTLayout, granularity: str = "aligned", *, patch_dim: int,
             name, rows = (tok, 1) if isinstance(tok, str) else tok
             maps.append((name, TensorMap(rows, D, [], [emb])))
     for bi, b in enumerate(layout.blocks):
-        maps += block_maps(b, bi, emb, alloc, granularity, layout.qkv_order, f"blocks.{bi}.")
+        maps += block_maps(b, bi, emb, alloc, granularity, layout.qkv_order, f"blocks.{bi}.", branches)
     for n in final_norms:
         maps += [(n + ".weight", emb_vec), (n + ".bias", emb_vec)]
     if not final_norms:  # the classifier reads the stream itself

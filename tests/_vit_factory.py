@@ -29,8 +29,9 @@ def tiny_vit(variant: str = "plain", *, embed_dim=24, depth=2, num_heads=3, mlp_
     return m.to(dtype).eval()
 
 
-def random_masks(adapter, granularity: str, seed: int = 0, p: float = 0.35):
-    """Random keep-masks that respect the guards (≥1 of everything)."""
+def random_masks(adapter, granularity: str, seed: int = 0, p: float = 0.35, branches: bool = False):
+    """Random keep-masks that respect the guards (≥1 of everything); with `branches`, block 0 also
+    loses its whole attention branch and the last block its whole MLP branch."""
     g = torch.Generator().manual_seed(seed)
     M = adapter.full_masks()
     M.embed &= torch.rand(M.embed.shape, generator=g) > p
@@ -57,4 +58,9 @@ def random_masks(adapter, granularity: str, seed: int = 0, p: float = 0.35):
             M.v[b][h] = False
         M.mlp[b] &= torch.rand(M.mlp[b].shape, generator=g) > p
         M.mlp[b][0] = True
+    if branches:
+        M.attn_on[0] = False
+        M.heads[0][:] = M.qk[0][:] = M.v[0][:] = False
+        M.mlp_on[-1] = False
+        M.mlp[-1][:] = False
     return M

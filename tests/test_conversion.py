@@ -10,10 +10,10 @@ from _vit_factory import VARIANTS, random_masks, tiny_vit
 GRANS = ["aligned", "per-head"]
 
 
-def _masked_and_converted(model, gran, seed):
+def _masked_and_converted(model, gran, seed, branches=False):
     m = copy.deepcopy(model)
     a = ViTAdapter(m)
-    M = random_masks(a, gran, seed)
+    M = random_masks(a, gran, seed, branches=branches)
     a.install_norms(M)
     a.apply_masks(M)
     return m, a.convert(M), M
@@ -21,10 +21,10 @@ def _masked_and_converted(model, gran, seed):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("gran", GRANS)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_converted_equals_masked(variant, gran, seed):
+@pytest.mark.parametrize("seed, branches", [(0, False), (1, False), (1, True)])
+def test_converted_equals_masked(variant, gran, seed, branches):
     model = tiny_vit(variant, embed_dim=24 + 6 * seed, depth=2 + seed, num_heads=3, seed=seed)
-    masked, nv, M = _masked_and_converted(model, gran, seed)
+    masked, nv, M = _masked_and_converted(model, gran, seed, branches)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         ref, out = masked(x), nv(x)
@@ -34,7 +34,10 @@ def test_converted_equals_masked(variant, gran, seed):
     for b, cfg in enumerate(nv.config.blocks):
         assert cfg.heads == int(M.heads[b].sum())
         assert cfg.mlp == int(M.mlp[b].sum())
-        if gran == "aligned":
+        assert cfg.has_attn == bool(M.attn_on[b]) and cfg.has_mlp == bool(M.mlp_on[b])
+        if not cfg.has_attn:
+            assert not hasattr(nv.blocks[b], "attn") and not hasattr(nv.blocks[b], "norm1")
+        if gran == "aligned" and cfg.has_attn:
             assert len(set(cfg.qk_dims)) == 1 and len(set(cfg.v_dims)) == 1
 
 

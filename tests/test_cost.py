@@ -20,8 +20,14 @@ def _random_block(rng: random.Random) -> BlockConfig:
         v = [rng.choice([1, 2, 4, 7]) for _ in range(h)]
     else:  # aligned heads (what the reference code's pruning keeps), QK ≠ V allowed
         qk, v = [rng.choice([1, 4, 6])] * h, [rng.choice([1, 3, 8])] * h
-    return BlockConfig(qk_dims=qk, v_dims=v, mlp=rng.choice([1, 5, 16, 24]),
-                       scales=[rng.uniform(0.1, 1.0) for _ in range(h)])
+    sc = [rng.uniform(0.1, 1.0) for _ in range(h)]
+    mlp = rng.choice([1, 5, 16, 24])
+    r = rng.random()
+    if r < 0.15:  # the whole attention branch removed
+        return BlockConfig(qk_dims=[], v_dims=[], mlp=mlp, scales=[])
+    if r < 0.3:  # the whole MLP branch removed
+        mlp = 0
+    return BlockConfig(qk_dims=qk, v_dims=v, mlp=mlp, scales=sc)
 
 
 def _random_config(seed: int) -> NViTConfig:

@@ -156,3 +156,12 @@ def test_unsupported_model_refused_before_data_or_evaluation(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "nvit prunes timm VisionTransformer models" in captured.err and "ResNet" in captured.err
     assert "dense model: top-1" not in captured.out + captured.err
+
+
+def test_branch_pruning_from_the_cli(tiny_nvit, tmp_path):
+    out = tmp_path / "run"
+    assert _run(["--nvit-model", tiny_nvit, "--out", out, "--prune-branches", *FAST, "--target", 0.3]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["settings"]["prune_branches"] is True
+    assert all({"attn_branch", "mlp_branch"} <= set(h["removed"]) for h in r["prune_steps"])
+    assert r["pruned"]["flops"] <= 0.3 * r["dense"]["flops"] and (out / "dims.png").is_file()

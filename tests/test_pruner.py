@@ -285,3 +285,29 @@ def test_units_on_a_flat_stretch_of_the_latency_table_are_still_ranked():
     pruner.n_batches = 1
     info = pruner.prune_step(64)
     assert info.removed["mlp"] == 64
+
+
+def test_whole_branches_are_ranked_removed_and_saved(tmp_path):
+    """branches=True: a block's whole attention / MLP branch is one unit of the global pool; when one
+    goes, the converted model omits it, still computes what the masked model computed, and saves."""
+    model = tiny_vit("layerscale_nobias", depth=3, embed_dim=24)
+    pruner = Pruner(model, Target("flops", 0.35), branches=True)
+    U = pruner.units
+    assert int((U.kind == KIND_NAMES.index("attn_branch")).sum()) == 3
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    F.cross_entropy(model(x), y).backward()
+    pruner.accumulate()
+    pruner.scores[U.kind == KIND_NAMES.index("attn_branch")] = 0.0  # make one branch kind the cheapest loss
+    pruner.prune_to_target(n_per_step=8)
+    assert not bool(pruner.masks.attn_on.all())
+    model.eval()
+    nv = pruner.convert()
+    assert any(not b.has_attn for b in nv.config.blocks)
+    with torch.no_grad():
+        ref, out = model(x), nv(x)
+    assert (ref - out).abs().max() <= 1e-5 * ref.abs().max().clamp_min(1)
+    nvit.save(nv, tmp_path / "m")
+    back = nvit.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(back(x), out)
+    assert count_params(nv.config) == sum(p.numel() for p in nv.parameters())

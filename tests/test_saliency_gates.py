@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from nvit_kernels.saliency import SaliencyPlan, saliency_accumulate, saliency_reference
-from nvit_kernels.vit_maps import EMBED, HEAD, MLP, QK, V
+from nvit_kernels.vit_maps import ATTN_BRANCH, EMBED, HEAD, MLP, MLP_BRANCH, QK, V
 from nvit.structures import ViTAdapter
 from _vit_factory import tiny_vit
 
@@ -38,8 +38,10 @@ def _gated_loss(model, gran, gates, x, y):
     if not final:
         hooks += [getattr(model, n).register_forward_pre_hook(embed_pre) for n in ("head", "head_dist")
                   if hasattr(model, n)]
-    for blk in model.blocks:
+    for b, blk in enumerate(model.blocks):
         hooks += [getattr(blk, n).register_forward_hook(times_embed) for n in ("norm1", "norm2", "ls1", "ls2")]
+        for n, key in (("ls1", "attn_branch"), ("ls2", "mlp_branch")):  # a gate on what the branch adds
+            hooks.append(getattr(blk, n).register_forward_hook(lambda mod, i, out, gb=gates[b], key=key: out * gb[key]))
     for b, blk in enumerate(model.blocks):
         a, H, d = blk.attn, blk.attn.num_heads, blk.attn.head_dim
         gb = gates[b]
@@ -72,14 +74,15 @@ def test_saliency_equals_gate_derivative(variant, gran):
     torch.manual_seed(0)
     model = tiny_vit(variant, dtype=torch.float64)
     a = ViTAdapter(model)
-    pairs, units = a.saliency_maps(gran)
+    pairs, units = a.saliency_maps(gran, branches=True)
     x, y = _batch()
     gates = {"embed": torch.ones(model.embed_dim, dtype=torch.float64, requires_grad=True)}
     for b, blk in enumerate(model.blocks):
         H, d, M = blk.attn.num_heads, blk.attn.head_dim, blk.mlp.fc1.out_features
         shape = (H, d) if gran == "per-head" else (d,)
         gates[b] = {k: torch.ones(s, dtype=torch.float64, requires_grad=True)
-                    for k, s in (("head", (H,)), ("qk", shape), ("v", shape), ("mlp", (M,)))}
+                    for k, s in (("head", (H,)), ("qk", shape), ("v", shape), ("mlp", (M,)),
+                                 ("attn_branch", ()), ("mlp_branch", ()))}
     model.zero_grad()
     loss = _gated_loss(model, gran, gates, x, y)
     loss.backward()
@@ -94,7 +97,9 @@ def test_saliency_equals_gate_derivative(variant, gran):
         if k == EMBED:
             continue
         gb = gates[b]
-        if k == HEAD:
+        if k in (ATTN_BRANCH, MLP_BRANCH):
+            expect[u] = gb["attn_branch" if k == ATTN_BRANCH else "mlp_branch"].grad ** 2
+        elif k == HEAD:
             expect[u] = gb["head"].grad[i] ** 2
         elif k == MLP:
             expect[u] = gb["mlp"].grad[i] ** 2
@@ -107,7 +112,7 @@ def test_saliency_equals_gate_derivative(variant, gran):
     assert scale > 0
     assert torch.allclose(got, expect, rtol=1e-5, atol=1e-5 * float(scale) * 1e-3)
     # every kind is present and non-trivial
-    for k in (EMBED, HEAD, QK, V, MLP):
+    for k in (EMBED, HEAD, QK, V, MLP, ATTN_BRANCH, MLP_BRANCH):
         assert float(expect[kind == k].abs().sum()) > 0
 
 
