@@ -25,6 +25,8 @@ CLAIMS = (
     ("speedup_vs_padded", "uneven attention: speedup vs padding + SDPA", "> 1"),
     ("time_vs_flop_prop_sdpa_only", "uneven attention: time / FLOP-proportional SDPA time", "<= 1.2"),
     ("speedup_vs_flops", "converted NViT: speedup / FLOPs reduction", ">= 0.85"),
+    ("ort_speedup_vs_flops", "ONNX Runtime: NViT speedup / FLOPs reduction (uneven)", ">= 0.9"),
+    ("ort_padded_speedup_vs_flops", "ONNX Runtime: NViT speedup / FLOPs reduction (pad 8)", ">= 0.9"),
     ("prune_overhead", "prune step: extra time vs a plain timm training step", "<= 0.03"),
     ("prune_step_ms", "Pruner.prune_step on DeiT-B's units, ms", "<= 50"),
     ("images_per_s", "data path: training images/s", "grows with workers"),

@@ -181,9 +181,9 @@ class Pruner:
         whole where they cannot be pruned (q/k norm)."""
         c, gs = self.dense_config, self.group_size
 
-        def floor(n: int, kind: str) -> int:
+        def floor(n: int, kind: str) -> int:  # removals leave multiples of g alive, never none
             g = gs[kind]
-            return n - g * ((n - 1) // g) if n >= g else 1
+            return g if n >= g else n
 
         blocks = []
         for b in c.blocks:  # uneven dims (a re-pruned NViT model): the smallest heads, a lower bound
@@ -354,8 +354,8 @@ class Pruner:
 
     def _groups(self, sal: torch.Tensor, dc: torch.Tensor, lat: torch.Tensor, alive: torch.Tensor):
         """Candidate groups, ranked: per bucket the alive units sorted by their own rank and cut into
-        groups of the kind's group size (a trailing partial group is dropped unless it is the bucket's
-        only one, so dims stay multiples of the size); each group ranked as a whole. Vectorised.
+        groups of the kind's group size (the lowest-ranked remainder first, so dims stay multiples of
+        the size); each group ranked as a whole. Vectorised.
         Returns (unit ids sorted into groups, each group's start offset among them, group ranks, group
         costs, group ids in rank order)."""
         cost_norm = self.normalize == "cost"
@@ -376,10 +376,12 @@ class Pruner:
         pos = torch.arange(n) - torch.repeat_interleave(first, size)    # position within the bucket
         bsize = torch.repeat_interleave(size, size)
         g = self._unit_group_size[units]
-        keep = (bsize < g) | (pos < (bsize // g) * g)                     # drop trailing partial groups
-        units, bucket, pos, g = units[keep], bucket[keep], pos[keep], g[keep]
+        # The lowest-ranked (alive % g) units form a leading partial group, so every removal leaves a
+        # multiple of g alive (dims stay multiples of the group size even when the dense one is not).
+        r = bsize % g
+        slot = torch.where(pos < r, torch.zeros_like(pos), (pos - r) // g + (r > 0).long())
         starts = torch.ones(units.numel(), dtype=torch.bool)               # a group starts at a new bucket
-        starts[1:] = (bucket[1:] != bucket[:-1]) | (pos[1:] // g[1:] != pos[:-1] // g[:-1])
+        starts[1:] = (bucket[1:] != bucket[:-1]) | (slot[1:] != slot[:-1])
         gid = torch.cumsum(starts.long(), 0) - 1
         n_groups = int(gid[-1]) + 1 if gid.numel() else 0
         gsal = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, gid, sal[units].double())

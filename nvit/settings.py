@@ -95,6 +95,8 @@ FLAGS: tuple[Flag, ...] = (
       "target and ranking", str, ("hessian", "magnitude")),
     F("allocation", "global", "one global ranking (NViT) or the same keep ratio in every block (baseline)",
       "target and ranking", str, ("global", "uniform")),
+    F("round_to", None, "keep every dim a multiple of N: N for all (embedding, QK, V, MLP) or per kind, e.g. "
+      "qk=8,v=8,mlp=16; sets those kinds' group sizes, so the ranking honours it", "target and ranking", str),
     F("group_embed", 4, "embedding channels removed together", "target and ranking", int, check=positive),
     F("group_heads", 1, "heads removed together", "target and ranking", int, check=positive),
     F("group_qk", 2, "QK dims removed together", "target and ranking", int, check=positive),
@@ -209,6 +211,25 @@ def read_yaml(p: Path) -> dict:
     return y
 
 
+ROUNDED_KINDS = {"embed": "group_embed", "qk": "group_qk", "v": "group_v", "mlp": "group_mlp"}
+
+
+def round_to_groups(spec) -> dict:
+    """--round-to N (every dim kind) or kind=N,… → the group-size settings it stands for."""
+    text = str(spec).strip()
+    try:
+        if text.isdigit():
+            pairs = {k: int(text) for k in ROUNDED_KINDS}
+        else:
+            pairs = {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise RunError(f"--round-to takes N or kind=N,… (kinds: {', '.join(ROUNDED_KINDS)}), got {text!r}") from None
+    bad = sorted(set(pairs) - set(ROUNDED_KINDS))
+    if bad or any(v < 1 for v in pairs.values()):
+        raise RunError(f"--round-to takes N or kind=N,… with N ≥ 1 (kinds: {', '.join(ROUNDED_KINDS)}), got {text!r}")
+    return {ROUNDED_KINDS[k]: v for k, v in pairs.items()}
+
+
 def check(s: dict) -> None:
     """Each flag's own check, then the rules between flags."""
     for f in FLAGS:
@@ -234,6 +255,8 @@ def check(s: dict) -> None:
                            f"(nvit downloads nothing), or give a local-dir:FOLDER")
         if s[ck] and not name:
             raise RunError(f"--{ck.replace('_', '-')} needs --{who.replace('_', '-')} NAME")
+    if s["round_to"] is not None:
+        s.update(round_to_groups(s["round_to"]))
     if s["hard_teacher"] and s["distill_heads"] != "separate":
         raise RunError("--hard-teacher trains the distillation head: it needs --distill-heads separate")
     if (s["mean"] is None) != (s["std"] is None):

@@ -311,3 +311,25 @@ def test_whole_branches_are_ranked_removed_and_saved(tmp_path):
     with torch.no_grad():
         assert torch.equal(back(x), out)
     assert count_params(nv.config) == sum(p.numel() for p in nv.parameters())
+
+
+def test_dims_stay_multiples_of_the_group_size_even_from_odd_dense_dims():
+    """MLP 50 and QK 10 per head with groups of 8 and 4: the remainder goes first, then whole groups,
+    so every kept dim is a multiple of its group size (what --round-to asks for)."""
+    model = tiny_vit("plain", embed_dim=30, num_heads=3, mlp_ratio=50 / 30, depth=2)
+    pruner = Pruner(model, Target("flops", 0.3), granularity="per-head", group_size={"mlp": 8, "qk": 4, "v": 2})
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    F.cross_entropy(model(x), y).backward()
+    pruner.accumulate()
+    pruner.prune_to_target(n_per_step=16)
+    for b in pruner.config().blocks:
+        assert b.mlp % 8 == 0 and all(q % 4 == 0 for q in b.qk_dims) and all(v % 2 == 0 for v in b.v_dims)
+
+
+def test_round_to_flag():
+    from nvit.settings import RunError, round_to_groups
+
+    assert round_to_groups("8") == {"group_embed": 8, "group_qk": 8, "group_v": 8, "group_mlp": 8}
+    assert round_to_groups("qk=8,mlp=16") == {"group_qk": 8, "group_mlp": 16}
+    with pytest.raises(RunError, match="--round-to"):
+        round_to_groups("heads=2")
