@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from bench_nvit_model import MODELS, pruned_masks
+from bench_nvit_model import MODELS, _interleaved_min, pruned_masks
 from nvit.deploy import exportable
 from nvit.structures import ViTAdapter
 
@@ -34,18 +34,6 @@ def _onnx(model, x, path):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _min_interleaved(fns, rounds):
-    best = [float("inf")] * len(fns)
-    for f in fns:
-        f()
-    for _ in range(rounds):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            f()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
 
 
 _SESSIONS: dict = {}
@@ -80,7 +68,7 @@ def test_onnxruntime_speedup(benchmark, tmp_path_factory, name, batch):
         return f
 
     rounds = 7 if (name == "small" or batch == 1) else 3
-    t = _min_interleaved([ort(c["s_dense"]), ort(c["s_nv"]), ort(c["s_pad"]), eager(c["dense"]), eager(c["nv"])],
+    t = _interleaved_min([ort(c["s_dense"]), ort(c["s_nv"]), ort(c["s_pad"]), eager(c["dense"]), eager(c["nv"])],
                          rounds)
     t_dense, t_nv, t_pad, e_dense, e_nv = t
     benchmark.extra_info.update(
