@@ -1,8 +1,11 @@
 """nvit: global, latency-aware Hessian pruning of Vision Transformers (NViT, CVPR 2023).
 
-The public names below load on first use, so `import nvit.model` (or nvit.datasets) stays light.
+The public names below load on first use. Importing nvit registers the NViT family with timm
+(``timm.create_model("local-dir:SAVED_FOLDER", pretrained=True)``; see nvit/timm_family.py).
 """
 import importlib
+
+from . import timm_family  # noqa: F401  (timm.create_model("nvit" / "local-dir:…") builds NViT models)
 
 _EXPORTS = {
     "load": "io", "save": "io",

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from .model import NViT, NViTConfig
 
 FORMAT = "nvit-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: timm's hub layout (architecture, model_args, pretrained_cfg); 1 is still read
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
 
@@ -57,7 +57,11 @@ def save(model: NViT, path: str | os.PathLike, *, overwrite: bool = False) -> Pa
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         tmp.chmod(0o755)  # mkdtemp makes a private folder; a saved model is meant to be shared
-        cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
+        c = model.config
+        # timm's hub layout, so timm's local-dir: scheme and data config read the folder as it is.
+        cfg = {"architecture": "nvit", "num_classes": c.num_classes, "num_features": c.embed_dim,
+               "model_args": {"config": c.to_dict()}, "pretrained_cfg": c.pretrained_cfg(),
+               "format": FORMAT, "format_version": FORMAT_VERSION}
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
@@ -81,10 +85,11 @@ def load_config(path: str | os.PathLike) -> NViTConfig:
         raise ModelFileError(f"nvit: {f} is corrupt: {e}") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ModelFileError(f"nvit: {f} is not an nvit model config (format != {FORMAT!r})")
-    if d.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(f"nvit: {f} has format_version {d.get('format_version')}; this nvit reads {FORMAT_VERSION}")
+    version = d.get("format_version")
+    if version not in (1, FORMAT_VERSION):
+        raise ModelFileError(f"nvit: {f} has format_version {version}; this nvit reads 1 to {FORMAT_VERSION}")
     try:
-        return NViTConfig.from_dict(d["config"])
+        return NViTConfig.from_dict(d["config"] if version == 1 else d["model_args"]["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFileError(f"nvit: {f} holds an invalid config: {e}") from None
 

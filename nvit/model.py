@@ -74,6 +74,9 @@ class NViTConfig:
     final_norm: bool = True
     norm_eps: float = 1e-6
     provenance: dict[str, Any] = field(default_factory=dict)
+    # Preprocessing the weights expect (timm's data config keys: mean, std, crop_pct, interpolation);
+    # unset keys take timm's defaults (ImageNet statistics for 3 channels, 0.5/0.5 for others).
+    data: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         self.blocks = [b if isinstance(b, BlockConfig) else BlockConfig(**b) for b in self.blocks]
@@ -97,6 +100,19 @@ class NViTConfig:
     @property
     def num_pos(self) -> int:
         return self.num_patches + (0 if self.no_embed_class else self.num_prefix_tokens)
+
+    def pretrained_cfg(self) -> dict:
+        """timm's pretrained config of this model: what timm.data.resolve_data_config reads."""
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        rgb = self.in_chans == 3
+        cfg = {"input_size": [self.in_chans, self.img_size, self.img_size],
+               "mean": list(IMAGENET_DEFAULT_MEAN) if rgb else [0.5] * self.in_chans,
+               "std": list(IMAGENET_DEFAULT_STD) if rgb else [0.5] * self.in_chans,
+               "crop_pct": 0.9, "interpolation": "bicubic", "num_classes": self.num_classes,
+               "first_conv": "patch_embed.proj", "classifier": "head"}
+        cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in self.data.items()})
+        return cfg
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -200,6 +216,7 @@ class NViT(nn.Module):
     def __init__(self, config: NViTConfig):
         super().__init__()
         c = self.config = config
+        self.pretrained_cfg = c.pretrained_cfg()  # timm.data.resolve_data_config(model=…) reads it
         D = c.embed_dim
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, D)
         if c.class_token:

@@ -57,6 +57,7 @@ def finish(r, nv, pruning: dict, *, dense_top1: float, top1: float, t_start: flo
         "timings": {**r.timings, "total_s": round(time.time() - t_start, 2)},
         "kernels": kernels,
     }
+    record_preprocessing(nv, r.data_desc)
     nvio.save(nv, out / "model", overwrite=True)
     from safetensors.torch import save_file
 
@@ -70,6 +71,20 @@ def finish(r, nv, pruning: dict, *, dense_top1: float, top1: float, t_start: flo
     print(summary_text(report, out))
     r.p.barrier()
     return report
+
+
+def record_preprocessing(nv, data_desc: dict) -> None:
+    """Store the preprocessing the run trained with in the model (its config.json's pretrained_cfg),
+    so timm's data config and a later `--nvit-model` run resolve exactly that."""
+    if data_desc.get("kind") == "embedded":
+        from .datasets import EMBEDDED_MEAN, EMBEDDED_STD
+
+        data = {"mean": [EMBEDDED_MEAN], "std": [EMBEDDED_STD], "crop_pct": 1.0}
+    else:
+        pre = data_desc.get("preprocessing", {})
+        data = {k: pre[k] for k in ("mean", "std", "crop_pct", "interpolation") if k in pre}
+    nv.config.data = {**nv.config.data, **data}
+    nv.pretrained_cfg = nv.config.pretrained_cfg()
 
 
 def plot_dims(dense: NViTConfig, pruned: NViTConfig, path: Path, title: str = "") -> None:

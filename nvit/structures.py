@@ -379,7 +379,7 @@ class ViTAdapter:
             no_embed_class=bool(m.no_embed_class), global_pool=m.global_pool,
             fc_norm=not isinstance(m.fc_norm, nn.Identity), pre_norm=not isinstance(m.norm_pre, nn.Identity),
             final_norm=not isinstance(m.norm, nn.Identity) or not isinstance(m.fc_norm, nn.Identity),
-            norm_eps=float(blk0.norm1.eps), provenance=provenance or {})
+            norm_eps=float(blk0.norm1.eps), provenance=provenance or {}, data=_data_config(m))
 
     @torch.no_grad()
     def convert(self, masks: Masks, provenance: dict | None = None) -> NViT:
@@ -455,6 +455,13 @@ class ViTAdapter:
                 s = starts[h]
                 rows += [s + q, s + b.qk_dims[h] + q, s + 2 * b.qk_dims[h] + v]
         return torch.cat(rows)
+
+
+def _data_config(model: nn.Module) -> dict:
+    """The preprocessing a timm model's weights expect (its pretrained config), where it has one."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k])
+            for k in ("mean", "std", "crop_pct", "interpolation") if cfg.get(k) is not None}
 
 
 def _is_timm_layernorm(mod: nn.Module) -> bool:

@@ -147,3 +147,47 @@ def test_cli_refuses_a_broken_extension_before_any_work(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "compiled kernels cannot be used" in r.stderr and "NVIT_ALLOW_REFERENCE" in r.stderr
     assert not out.exists()  # refused before the output folder, the data or the dense evaluation
+
+
+def test_saved_model_runs_with_torch_alone(tmp_path):
+    """A saved NViT model loads and runs where neither the compiled extension nor Triton exists: nvit's
+    pure-PyTorch attention, after a one-time notice, with the same outputs."""
+    import torch
+
+    import nvit
+    from nvit.structures import ViTAdapter
+    from _vit_factory import random_masks, tiny_vit
+
+    a = ViTAdapter(tiny_vit("plain"))
+    nv = a.convert(random_masks(a, "per-head", 0)).eval()
+    nvit.save(nv, tmp_path / "m")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.save({"x": x, "y": nv(x)}, tmp_path / "io.pt")
+    site = Path(torch.__file__).resolve().parents[1]
+    fake_site = tmp_path / "site"
+    fake_site.mkdir()
+    for entry in site.iterdir():
+        if not entry.name.startswith(("nvit_kernels", "nvit", "__editable__", "triton")):
+            (fake_site / entry.name).symlink_to(entry)
+    tree = _tree(tmp_path)
+    (tree / "nvit").symlink_to(Path(nvit.__file__).resolve().parent)
+    hidden = (str(site), str(INSTALLED.parent))
+    code = (f"import sys, os; sys.path[:] = [p for p in sys.path if not p or not os.path.realpath(p).startswith({hidden!r})]"
+            f" + [{str(fake_site)!r}]\n"
+            "import warnings, importlib.util, torch, nvit\n"
+            "assert importlib.util.find_spec('triton') is None\n"
+            "warnings.simplefilter('always')\n"
+            f"d = torch.load({str(tmp_path / 'io.pt')!r})\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            f"    m = nvit.load({str(tmp_path / 'm')!r})\n"
+            "    with torch.no_grad():\n"
+            "        y1, y2 = m(d['x']), m(d['x'])\n"
+            "import nvit_kernels._native as n\n"
+            "print('STATE', n.STATE, len([x for x in w if 'backend unavailable' in str(x.message)]),\n"
+            "      float((y1 - d['y']).abs().max()))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "NVIT_ALLOW_REFERENCE"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    state, notices, err = r.stdout.split("STATE ")[1].split()
+    assert state == "absent" and int(notices) == 1 and float(err) <= 1e-5
