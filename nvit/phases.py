@@ -275,6 +275,51 @@ class Run:
             set_distilled_training(raw, False)
         return raw, pruner
 
+    # ---- phase 1, one-shot: prune the trained model as it is ----------------------------------------
+    def one_shot_phase(self):
+        """No weight updates: the saliency of --calibration-batches batches ranks the units, the target is
+        approached in --one-shot-steps steps (the metric falls geometrically) and the saliency is
+        estimated afresh after every step (no EMA: the pruned model's own gradients)."""
+        from .pruner import Target, TargetUnreachableError
+
+        s = self.s
+        raw = copy.deepcopy(self.dense).eval()
+        pruner = self.make_pruner(raw)
+        pruner.ema_momentum = 0.0  # each step ranks by the current model's saliency alone
+        final = pruner.target
+        model = engine.wrap_ddp(raw, self.p)  # gradients averaged over ranks, as in training
+        t0 = time.time()
+        data = self.batches("prune", 0)
+        steps, n = s["one_shot_steps"], s["calibration_batches"]
+        bar = self.bar(steps * n, 0, "one-shot")
+        for k in range(1, steps + 1):
+            for i in range(n):
+                x, y = next(data)
+                with self.precision.autocast():
+                    with torch.no_grad():
+                        t = self.teacher(x)
+                    loss = engine.distillation_loss(model(x), t, y, temperature=s["temperature"],
+                                                    weight=s["distill_weight"], label_smoothing=s["label_smoothing"])
+                raw.zero_grad(set_to_none=False)
+                loss.backward()  # no optimizer, no scaler: gradients only for the saliency
+                pruner.accumulate()
+                bar.update(1)
+            pruner.target = Target(final.metric, final.fraction ** (k / steps))
+            try:
+                info = pruner.prune_step(pruner.units.num_units)
+            except TargetUnreachableError as e:
+                raise RunError(str(e)) from None
+            engine.check_agreement("prune masks", pruner.masks.state_dict(), self.p)
+            kinds = ", ".join(f"{kk} {v}" for kk, v in info.removed.items() if v)
+            self.log(f"one-shot step {k}/{steps}: removed {kinds or 'nothing'}; {final.metric} "
+                     f"{info.fraction:.3f} of dense")
+        bar.close()
+        pruner.target = final
+        raw.zero_grad(set_to_none=True)
+        self.timings["one_shot_s"] = round(time.time() - t0, 2)
+        self.timings["prune_iterations"] = 0
+        return raw, pruner
+
     def _auto_units(self, pruner, planned: int) -> int:
         """N so that removing N units per step would meet the target two thirds into the phase:
         the alive units times the fraction still to remove, over the steps available."""

@@ -117,7 +117,7 @@ def run(s: dict, p: engine.Processes | None = None) -> dict | None:
     from .model import NViT, NViTConfig
 
     if ck is None or ck["phase"] == "prune":
-        masked, pruner = r.prune_phase(ck)
+        masked, pruner = r.one_shot_phase() if s["one_shot"] else r.prune_phase(ck)
         masked.eval()
         masked_top1 = r.evaluate(masked)
         nv = pruner.convert({"source": r.provenance})

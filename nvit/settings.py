@@ -106,6 +106,13 @@ FLAGS: tuple[Flag, ...] = (
     F("latency_points", 3, "latency table grid points per axis", "target and ranking", int, check=positive),
     F("prune_branches", False, "also rank each block's whole attention and MLP branch (layer skipping, as in UVC); "
       "a removed branch is absent from the converted model", "target and ranking"),
+    # one-shot
+    F("one_shot", False, "prune without training before the cut: saliency from --calibration-batches batches, "
+      "re-estimated between --one-shot-steps steps towards the target; then convert and fine-tune "
+      "(--finetune-epochs 0: none)", "one-shot"),
+    F("calibration_batches", 8, "batches of saliency per one-shot step", "one-shot", int, check=positive),
+    F("one_shot_steps", 4, "steps to reach the target in one-shot mode (geometric in the metric)", "one-shot",
+      int, check=positive),
     # schedule
     F("prune_every", 10, "iterations between prune steps (K)", "schedule", int, check=positive),
     F("prune_units", None, "units removed per prune step (N; default: sized so the target is met two thirds "

@@ -165,3 +165,26 @@ def test_branch_pruning_from_the_cli(tiny_nvit, tmp_path):
     assert r["settings"]["prune_branches"] is True
     assert all({"attn_branch", "mlp_branch"} <= set(h["removed"]) for h in r["prune_steps"])
     assert r["pruned"]["flops"] <= 0.3 * r["dense"]["flops"] and (out / "dims.png").is_file()
+
+
+def test_one_shot_prunes_without_training(tiny_nvit, tmp_path):
+    """--one-shot --finetune-epochs 0: no weight is updated, so the saved model is exactly the dense
+    model cut by the saved masks; the target is reached in --one-shot-steps steps."""
+    from nvit.structures import Masks, ViTAdapter
+
+    out = tmp_path / "run"
+    assert _run(["--nvit-model", tiny_nvit, "--out", out, *FAST, "--one-shot", "--calibration-batches", 2,
+                 "--one-shot-steps", 3, "--finetune-epochs", 0, "--target", 0.5]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert len(r["prune_steps"]) == 3 and r["pruned"]["flops"] <= 0.5 * r["dense"]["flops"]
+    assert r["pruned"]["top1"] == r["pruned"]["top1_before_finetune"] and "one_shot_s" in r["timings"]
+    dense = nvit.load(tiny_nvit)
+    a = ViTAdapter(dense)
+    masks = Masks.from_state_dict(load_file(str(out / "masks.safetensors")))
+    a.install_norms(masks)
+    a.apply_masks(masks)
+    expect = a.convert(masks)
+    got = nvit.load(out / "model")
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(got(x), expect(x), atol=1e-5)
