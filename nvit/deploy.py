@@ -48,54 +48,25 @@ class GroupedAttention(nn.Module):
         if attn.qk_norm:
             raise ValueError("nvit: exporting q/k-normalised attention is not supported yet")
         qk, vd, sc = list(attn.qk_dims), list(attn.v_dims), list(attn.scales)
-        dim = attn.qkv.in_features
-        W, b = attn.qkv.weight.detach(), None if attn.qkv.bias is None else attn.qkv.bias.detach()
-        Wp = attn.proj.weight.detach()
-        # Per head: rows of its q, k and v in the packed per-head qkv layout, its proj columns.
-        off, rows, cols, o = 0, [], [], 0
-        for h in range(len(qk)):
-            rows.append((off, off + qk[h], off + 2 * qk[h]))
-            cols.append(o)
-            off += 2 * qk[h] + vd[h]
-            o += vd[h]
-        pq = [_round_up(d, pad_heads) for d in qk]
-        pv = [_round_up(d, pad_heads) for d in vd]
+        # Where each head's q, k, v rows start in the packed per-head qkv, and its columns in proj.
+        q0 = [sum(2 * qk[i] + vd[i] for i in range(h)) for h in range(len(qk))]
+        c0 = [sum(vd[:h]) for h in range(len(qk))]
         order: dict[tuple[int, int], list[int]] = {}
         for h in range(len(qk)):
-            order.setdefault((pq[h], pv[h]), []).append(h)
+            order.setdefault((_round_up(qk[h], pad_heads), _round_up(vd[h], pad_heads)), []).append(h)
         self.groups = [HeadGroup(len(hs), dq, dv) for (dq, dv), hs in order.items()]
-        n_out = sum(g.heads * (2 * g.qk + g.v) for g in self.groups)
-        n_v = sum(g.heads * g.v for g in self.groups)
-        new_w = W.new_zeros(n_out, dim)
-        new_b = None if b is None else W.new_zeros(n_out)
-        new_p = Wp.new_zeros(Wp.shape[0], n_v)
-        r, c = 0, 0
+        # The new layout as source indices (-1: a zero pad) and per-row factors (the folded q scales).
+        rows, scale, cols = [], [], []
         for (dq, dv), hs in order.items():
-            G = len(hs)
-            for part, (width, src_off, scale_q) in enumerate(((dq, 0, True), (dq, 1, False), (dv, 2, False))):
-                for j, h in enumerate(hs):
-                    start = rows[h][src_off]
-                    n = qk[h] if part < 2 else vd[h]
-                    dst = r + j * width
-                    s = sc[h] if scale_q else 1.0  # the softmax scale folded into q
-                    new_w[dst:dst + n] = W[start:start + n] * s
-                    if b is not None:
-                        new_b[dst:dst + n] = b[start:start + n] * s
-                r += G * width
-            for j, h in enumerate(hs):
-                new_p[:, c + j * dv:c + j * dv + vd[h]] = Wp[:, cols[h]:cols[h] + vd[h]]
-            c += G * dv
-        self.qkv = nn.Linear(dim, n_out, bias=b is not None)
-        self.proj = nn.Linear(n_v, Wp.shape[0], bias=attn.proj.bias is not None)
-        with torch.no_grad():
-            self.qkv.weight.copy_(new_w)
-            if b is not None:
-                self.qkv.bias.copy_(new_b)
-            self.proj.weight.copy_(new_p)
-            if attn.proj.bias is not None:
-                self.proj.bias.copy_(attn.proj.bias)
-        self.qkv.to(W.dtype)
-        self.proj.to(W.dtype)
+            for part, width in ((0, dq), (1, dq), (2, dv)):  # [q of every head | k … | v …]
+                for h in hs:
+                    start, n = q0[h] + part * qk[h], (qk[h] if part < 2 else vd[h])
+                    rows += list(range(start, start + n)) + [-1] * (width - n)
+                    scale += [sc[h] if part == 0 else 1.0] * width
+            for h in hs:
+                cols += list(range(c0[h], c0[h] + vd[h])) + [-1] * (dv - vd[h])
+        self.qkv = _gathered(attn.qkv, torch.tensor(rows), torch.tensor(scale), dim=0)
+        self.proj = _gathered(attn.proj, torch.tensor(cols), None, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
@@ -110,6 +81,31 @@ class GroupedAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # scales are folded into q
             outs.append(y.transpose(1, 2).reshape(B, N, H * dv))
         return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1))
+
+
+def _gathered(lin: nn.Linear, index: torch.Tensor, scale: torch.Tensor | None, dim: int) -> nn.Linear:
+    """A copy of `lin` with its output rows (dim 0) or input columns (dim 1) taken from `index` (-1: zeros),
+    output rows multiplied by `scale`."""
+    W = lin.weight.detach()
+    keep = index >= 0
+    shape = (len(index), W.shape[1]) if dim == 0 else (W.shape[0], len(index))
+    out = nn.Linear(shape[1], shape[0], bias=lin.bias is not None).to(W.dtype)
+    with torch.no_grad():
+        w = W.new_zeros(shape)
+        if dim == 0:
+            w[keep] = W[index[keep]] * scale[keep, None].to(W.dtype)
+        else:
+            w[:, keep] = W[:, index[keep]]
+        out.weight.copy_(w)
+        if lin.bias is not None:
+            b = lin.bias.detach()
+            if dim == 0:
+                bb = b.new_zeros(len(index))
+                bb[keep] = b[index[keep]] * scale[keep].to(b.dtype)
+                out.bias.copy_(bb)
+            else:
+                out.bias.copy_(b)
+    return out.to(W.device)
 
 
 def exportable(model: NViT, pad_heads: int | None = None) -> nn.Module:

@@ -17,6 +17,8 @@ from .settings import RunError
 # Models
 # --------------------------------------------------------------------------------------------------
 LOCAL_DIR_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # timm's hub layout, in its order of preference
+
+
 def read_state_dict(path: Path) -> dict:
     try:
         if path.suffix == ".safetensors":
@@ -36,25 +38,21 @@ def read_state_dict(path: Path) -> dict:
     return {k.removeprefix("module."): v.float() for k, v in state.items()}
 
 
-def _classifier_names(model: torch.nn.Module) -> list[str]:
-    """The classifier module(s) timm names in the model's pretrained config ('head', 'head.fc', …)."""
-    c = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
-    return list(c) if isinstance(c, (tuple, list)) else [c]
-
-
 def shape_overrides(name: str, state: dict, s: dict) -> dict:
-    """create_model kwargs the checkpoint fixes: classifier width (any timm head layout) and depth."""
-    import timm
+    """create_model kwargs the checkpoint fixes: classifier width (whatever module timm's pretrained
+    config names as the classifier: 'head', 'head.fc', …) and depth."""
+    from timm.models import get_pretrained_cfg
 
-    probe = timm.create_model(name, pretrained=False, num_classes=7)  # only for its config's names
+    cfg = get_pretrained_cfg(name)
+    heads = cfg.classifier if cfg is not None and cfg.classifier else "head"
     kw = {}
-    for head in _classifier_names(probe):
+    for head in [heads] if isinstance(heads, str) else list(heads):
         if f"{head}.weight" in state:
             kw["num_classes"] = state[f"{head}.weight"].shape[0]
             break
     blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
-    if blocks and len(getattr(probe, "blocks", ())) not in (0, max(blocks) + 1):
-        kw["depth"] = max(blocks) + 1  # a ViT trained at another depth
+    if blocks:
+        kw["depth"] = max(blocks) + 1
     if s.get("img_size"):
         kw["img_size"] = s["img_size"]
     if s.get("in_chans"):

@@ -61,9 +61,10 @@ class Run:
                            "head, e.g. deit_small_distilled_patch16_224)")
         self.teacher, self.hard_teacher, self.teacher_desc = load_teachers(s, self.dense)
         shape = input_shape(self.dense)
-        for what, t in (("--teacher", self.teacher if s["teacher"] else None), ("--hard-teacher", self.hard_teacher)):
-            if t is not None:
-                check_teacher_input(t, shape, what)
+        if s["teacher"]:
+            check_teacher_input(self.teacher, shape, "--teacher")
+        if self.hard_teacher is not None:
+            check_teacher_input(self.hard_teacher, shape, "--hard-teacher")
         self.teacher.to(self.device)
         if self.hard_teacher is not None:
             self.hard_teacher.to(self.device)
@@ -132,8 +133,8 @@ class Run:
                                progress=progress and self.s["progress"])
 
     # ---- one training iteration --------------------------------------------------------------------
-    def step(self, model, raw, opt, x, y, it: int) -> float:
-        """Forward (autocast) + distillation loss + backward; gradients left for the caller. Returns the loss."""
+    def loss(self, model, x, y) -> torch.Tensor:
+        """The distillation loss of `model` on (x, y), teachers and student under autocast."""
         s = self.s
         with self.precision.autocast():
             with torch.no_grad():
@@ -143,10 +144,13 @@ class Run:
                 else:
                     t = self.teacher(x)
                 h = self.hard_teacher(x) if self.hard_teacher is not None else None
-            raw.train()
-            out = model(x)
-            loss = engine.distillation_loss(out, t, y, temperature=s["temperature"], weight=s["distill_weight"],
+            return engine.distillation_loss(model(x), t, y, temperature=s["temperature"], weight=s["distill_weight"],
                                             label_smoothing=s["label_smoothing"], hard_teacher=h)
+
+    def step(self, model, raw, opt, x, y, it: int) -> float:
+        """Forward (autocast) + distillation loss + backward; gradients left for the caller. Returns the loss."""
+        raw.train()
+        loss = self.loss(model, x, y)
         value = loss.item()
         bad = not math.isfinite(value)
         if self.p.distributed:
@@ -194,7 +198,8 @@ class Run:
         s = self.s
         table = None
         if s["target_metric"] == "latency" or s["eta"] > 0:
-            cfg = ViTAdapter(model).nvit_config(ViTAdapter(model).full_masks())
+            adapter = ViTAdapter(model)
+            cfg = adapter.nvit_config(adapter.full_masks())
             grid = LatencyGrid.for_model(cfg, points=s["latency_points"])
             t0 = time.time()
             # Measured once (rank 0) and shared: every rank must rank structures by the same table.
@@ -295,11 +300,7 @@ class Run:
         for k in range(1, steps + 1):
             for i in range(n):
                 x, y = next(data)
-                with self.precision.autocast():
-                    with torch.no_grad():
-                        t = self.teacher(x)
-                    loss = engine.distillation_loss(model(x), t, y, temperature=s["temperature"],
-                                                    weight=s["distill_weight"], label_smoothing=s["label_smoothing"])
+                loss = self.loss(model, x, y)
                 raw.zero_grad(set_to_none=False)
                 loss.backward()  # no optimizer, no scaler: gradients only for the saliency
                 pruner.accumulate()

@@ -71,7 +71,6 @@ class _Group:
     kind: int
     block: int
     head: int
-    rank: float
     cost: float = 0.0
 
 
@@ -146,8 +145,7 @@ class Pruner:
         keys, self._unit_key = torch.unique(key_t, dim=0, return_inverse=True)
         self._keys = [tuple(int(v) for v in row) for row in keys.tolist()]
         bucket_t = torch.stack([U.kind, U.block, U.head], 1)
-        buckets, self._unit_bucket = torch.unique(bucket_t, dim=0, return_inverse=True)
-        self._bucket_kind = buckets[:, 0]
+        _, self._unit_bucket = torch.unique(bucket_t, dim=0, return_inverse=True)
         self._unit_group_size = torch.tensor([self.group_size[KIND_NAMES[int(k)]] for k in U.kind.tolist()])
 
     # ---- costs -----------------------------------------------------------------------------------
@@ -356,14 +354,14 @@ class Pruner:
         """Candidate groups, ranked: per bucket the alive units sorted by their own rank and cut into
         groups of the kind's group size (the lowest-ranked remainder first, so dims stay multiples of
         the size); each group ranked as a whole. Vectorised.
-        Returns (unit ids sorted into groups, each group's start offset among them, group ranks, group
-        costs, group ids in rank order)."""
+        Returns (unit ids sorted into groups, each group's start offset among them, group costs, group
+        ids in rank order)."""
         cost_norm = self.normalize == "cost"
         unit_rank = (sal / dc.clamp_min(1e-12) if cost_norm else sal) - lat
         units = alive.nonzero().flatten()
         if units.numel() == 0:
             empty = torch.zeros(0, dtype=torch.long)
-            return empty, empty, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+            return empty, empty, torch.zeros(0, dtype=torch.float64), empty
         # sort by (bucket, unit rank, unit id): stable sorts from the last key to the first
         units = units[torch.argsort(unit_rank[units], stable=True)]
         units = units[torch.argsort(self._unit_bucket[units], stable=True)]
@@ -392,7 +390,7 @@ class Pruner:
         first_unit = units[gstart]
         order = torch.argsort(first_unit, stable=True)                    # ties: lower first unit id first
         order = order[torch.argsort(grank[order], stable=True)]
-        return units, gstart, grank, gcost, order
+        return units, gstart, gcost, order
 
     def _allowed(self, g: _Group) -> bool:
         """Guards: never remove the last head, QK dim, V dim, MLP channel of a block (of a head in
@@ -428,7 +426,7 @@ class Pruner:
         if self.allocation == "uniform":
             return self._uniform_step(sal, alive, n_units)
         dc, lat = self._rank_terms()
-        units, gstart, _, gcost, order = self._groups(sal, dc, lat, alive)
+        units, gstart, gcost, order = self._groups(sal, dc, lat, alive)
         gend = torch.cat([gstart[1:], torch.tensor([units.numel()])])
         frac = self.fraction() if self.target else 1.0
         removed = {k: 0 for k in KIND_NAMES}
@@ -439,7 +437,7 @@ class Pruner:
                 break
             us = units[int(gstart[gi]):int(gend[gi])].tolist()
             u0 = us[0]
-            g = _Group(us, int(U.kind[u0]), int(U.block[u0]), int(U.head[u0]), 0.0, float(gcost[gi]))
+            g = _Group(us, int(U.kind[u0]), int(U.block[u0]), int(U.head[u0]), float(gcost[gi]))
             if not self._allowed(g):
                 continue
             for u in g.units:

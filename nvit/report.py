@@ -33,14 +33,14 @@ def finish(r, nv, pruning: dict, *, dense_top1: float, top1: float, t_start: flo
                 lat[name] = min(lat[name], measure_model_latency(m, shape, batch_size=s["latency_batch"],
                                                                  device=dev, warmup=2, repeats=5))
     cfg = nv.config
+    cost = {"dense": (count_params(dense_cfg), count_flops(dense_cfg)), "pruned": (count_params(cfg), count_flops(cfg))}
     dev_desc = (f"{dev.type}: {device_name(dev)}, {torch.get_num_threads()} threads" if dev.type == "cpu"
                 else device_name(dev))
     report = {
         "schema": 2,
         "model": r.provenance, "teacher": r.teacher_desc, "data": r.data_desc,
-        "dense": {"params": count_params(dense_cfg), "flops": count_flops(dense_cfg),
-                  "latency_s": lat["dense"], "top1": dense_top1},
-        "pruned": {"params": count_params(cfg), "flops": count_flops(cfg), "latency_s": lat["pruned"],
+        "dense": {"params": cost["dense"][0], "flops": cost["dense"][1], "latency_s": lat["dense"], "top1": dense_top1},
+        "pruned": {"params": cost["pruned"][0], "flops": cost["pruned"][1], "latency_s": lat["pruned"],
                    "top1": top1, "top1_before_finetune": pruning["masked_top1"]},
         "latency": {"batch_size": s["latency_batch"], "device": dev_desc, "dtype": str(r.precision.tensor_dtype)
                     .removeprefix("torch."), "statistic": "median"},
@@ -48,8 +48,8 @@ def finish(r, nv, pruning: dict, *, dense_top1: float, top1: float, t_start: flo
         "processes": {"world_size": r.p.world, "backend": ("nccl" if dev.type == "cuda" else "gloo")
                       if r.p.distributed else None, "workers_per_rank": r.workers,
                       "global_batch": s["batch_size"]},
-        "ratios": {"params": count_params(dense_cfg) / count_params(cfg),
-                   "flops": count_flops(dense_cfg) / count_flops(cfg), "speedup": lat["dense"] / lat["pruned"]},
+        "ratios": {"params": cost["dense"][0] / cost["pruned"][0], "flops": cost["dense"][1] / cost["pruned"][1],
+                   "speedup": lat["dense"] / lat["pruned"]},
         "architecture": {"embed_dim": cfg.embed_dim, "dense_embed_dim": dense_cfg.embed_dim,
                          "blocks": [dataclasses.asdict(b) for b in cfg.blocks]},
         "prune_steps": pruning["history"], "units_per_step": getattr(r, "n_units", None),

@@ -161,7 +161,6 @@ FLAGS: tuple[Flag, ...] = (
     F("checkpoint_every", 50, "iterations between checkpoints", "run", int, check=positive),
     F("stop_after", None, "stop as if interrupted after N iterations (tests)", "run", int, hidden=True),
 )
-FLAG_BY_NAME = {f.name: f for f in FLAGS}
 DEFAULTS = {f.name: f.default for f in FLAGS}
 # Settings that may differ when resuming (all others come from the interrupted run's run.json).
 RESUME_OVERRIDES = ("resume", "stop_after", "progress", "workers", "threads")
@@ -195,9 +194,11 @@ def resolve(argv: list[str] | None, prog: str = "python -m nvit.prune", descript
     if args.get("config"):
         s.update(read_yaml(Path(args["config"])))
     s.update({k: v for k, v in args.items() if v is not None})
-    for k in ("scale", "ratio", "mean", "std"):
-        if s[k] is not None:
-            s[k] = tuple(float(v) for v in s[k])
+    for f in FLAGS:  # multi-value flags are tuples, from the command line or YAML lists alike
+        if f.nargs and s[f.name] is not None:
+            s[f.name] = tuple(f.type(v) for v in s[f.name])
+    if s["round_to"] is not None:  # --round-to stands for group sizes: one knob, set here
+        s.update(round_to_groups(s["round_to"]))
     check(s)
     return s
 
@@ -262,8 +263,6 @@ def check(s: dict) -> None:
                            f"(nvit downloads nothing), or give a local-dir:FOLDER")
         if s[ck] and not name:
             raise RunError(f"--{ck.replace('_', '-')} needs --{who.replace('_', '-')} NAME")
-    if s["round_to"] is not None:
-        s.update(round_to_groups(s["round_to"]))
     if s["hard_teacher"] and s["distill_heads"] != "separate":
         raise RunError("--hard-teacher trains the distillation head: it needs --distill-heads separate")
     if (s["mean"] is None) != (s["std"] is None):

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             while i < len(order) and (1 - count_flops(pruner.config()) / dense_flops) < goal:
                 u = int(order[i])
                 i += 1
-                unit = _Group([u], k, int(U.block[u]), int(U.head[u]), 0.0)
+                unit = _Group([u], k, int(U.block[u]), int(U.head[u]))
                 if not pruner._allowed(unit):  # the pruner's guards (last head, dim, channel …)
                     continue
                 pruner._remove(u)
