@@ -17,7 +17,7 @@ import torch
 
 from bench_nvit_model import MODELS, _interleaved_min, pruned_masks
 from nvit.deploy import exportable
-from nvit.structures import ViTAdapter
+from nvit.structures import Adapter
 
 pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("onnx", "onnxruntime", "onnxscript")),
                                 reason='needs pip install ".[export]"')
@@ -45,7 +45,7 @@ def test_onnxruntime_speedup(benchmark, tmp_path_factory, name, batch):
         make, img, chans = MODELS[name]
         torch.manual_seed(0)
         dense = make().eval()
-        adapter = ViTAdapter(dense)
+        adapter = Adapter(dense)
         M, f_dense, f_pruned = pruned_masks(adapter, "uneven")
         nv = adapter.convert(M).eval()
         x = torch.randn(2, chans, img, img)

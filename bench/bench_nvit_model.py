@@ -27,7 +27,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from nvit.cost import count_flops
-from nvit.structures import ViTAdapter
+from nvit.structures import Adapter
 
 TARGET_FLOPS = 0.5  # pruned / dense
 
@@ -54,7 +54,7 @@ def _pick(n_total: int, n_keep: int, g: torch.Generator) -> torch.Tensor:
     return keep
 
 
-def synthetic_masks(adapter: ViTAdapter, variant: str, s: float, seed: int = 0):
+def synthetic_masks(adapter: Adapter, variant: str, s: float, seed: int = 0):
     """Masks at global keep factor `s` (deterministic for a given seed)."""
     M = adapter.full_masks()
     if variant == "full":
@@ -89,7 +89,7 @@ def synthetic_masks(adapter: ViTAdapter, variant: str, s: float, seed: int = 0):
     return M
 
 
-def pruned_masks(adapter: ViTAdapter, variant: str, target: float = TARGET_FLOPS):
+def pruned_masks(adapter: Adapter, variant: str, target: float = TARGET_FLOPS):
     """Bisect the global factor so count_flops(pruned) / count_flops(dense) ~ target."""
     dense = count_flops(adapter.nvit_config(adapter.full_masks()))
     if variant == "full":
@@ -133,7 +133,7 @@ def _models(name: str, variant: str, device: str):
         make, img, chans = MODELS[name]
         torch.manual_seed(0)
         dense = make().eval()
-        adapter = ViTAdapter(dense)
+        adapter = Adapter(dense)
         M, f_dense, f_pruned = pruned_masks(adapter, variant)
         nv = adapter.convert(M).eval()
         cfg = nv.config

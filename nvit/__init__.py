@@ -11,7 +11,7 @@ _EXPORTS = {
     "load": "io", "save": "io",
     "BlockConfig": "model", "NViT": "model", "NViTConfig": "model",
     "Pruner": "pruner", "Target": "pruner", "TargetUnreachableError": "pruner",
-    "Masks": "structures", "UnsupportedModelError": "structures", "ViTAdapter": "structures",
+    "Masks": "structures", "UnsupportedModelError": "structures", "Adapter": "structures",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -2,8 +2,8 @@
 QK and V dims and MLP width, over one (pruned) embedding width shared by all blocks.
 
 Parameter names mirror timm's VisionTransformer (patch_embed.proj, blocks.i.attn.qkv, ...), so the
-saliency maps of nvit_kernels.vit_maps apply to it too (with qkv_order="per-head": the qkv Linear's
-rows are packed per head as [q_h, k_h, v_h], the layout the uneven-dims attention op reads).
+ViT family's structure declaration (nvit/families/vit.py) applies to it too; the qkv Linear's rows are
+packed per head as [q_h, k_h, v_h], the layout the uneven-dims attention op reads.
 """
 from __future__ import annotations
 
@@ -84,6 +84,11 @@ class NViTConfig:
             raise ValueError(f"nvit: global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if self.embed_dim < 1:
             raise ValueError("nvit: embed_dim must be ≥1")
+
+    @property
+    def family(self) -> str:
+        """The nvit.families declaration that prunes this model again."""
+        return "vit"
 
     @property
     def num_patches(self) -> int:

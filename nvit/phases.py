@@ -193,12 +193,12 @@ class Run:
     def make_pruner(self, model):
         from .latency import LatencyGrid, LatencyTable
         from .pruner import Pruner, Target, TargetUnreachableError
-        from .structures import ViTAdapter
+        from .structures import Adapter
 
         s = self.s
         table = None
         if s["target_metric"] == "latency" or s["eta"] > 0:
-            adapter = ViTAdapter(model)
+            adapter = Adapter(model)
             cfg = adapter.nvit_config(adapter.full_masks())
             grid = LatencyGrid.for_model(cfg, points=s["latency_points"])
             t0 = time.time()
@@ -370,10 +370,10 @@ class Run:
 
 def check_prunable(model: torch.nn.Module) -> None:
     """A RunError naming the modules nvit cannot prune exactly (the adapter reads, changes nothing)."""
-    from .structures import UnsupportedModelError, ViTAdapter
+    from .structures import UnsupportedModelError, Adapter
 
     try:
-        ViTAdapter(model)
+        Adapter(model)
     except UnsupportedModelError as e:
         raise RunError(str(e)) from None
 

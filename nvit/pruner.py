@@ -31,10 +31,10 @@ import torch
 import torch.nn as nn
 
 from nvit_kernels.saliency import SaliencyPlan, saliency_accumulate
-from nvit_kernels.vit_maps import ATTN_BRANCH, EMBED, GRANULARITIES, HEAD, KIND_NAMES, MLP, MLP_BRANCH, QK, V
 
 from .model import BlockConfig, NViT, NViTConfig
-from .structures import Masks, ViTAdapter
+from .spec import ATTN_BRANCH, EMBED, GRANULARITIES, HEAD, KIND_NAMES, MLP, MLP_BRANCH, QK, V
+from .structures import Adapter, Masks
 
 METRICS = ("latency", "flops", "params")
 
@@ -112,7 +112,7 @@ class Pruner:
             gs[k] = int(v)
         self.group_size = gs
 
-        self.adapter = ViTAdapter(model)
+        self.adapter = Adapter(model)
         self.masks = self.adapter.full_masks()
         self.adapter.install_norms(self.masks)
         pairs, self.units = self.adapter.saliency_maps(granularity, branches=self.branches)

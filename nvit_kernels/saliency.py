@@ -3,8 +3,8 @@
 After a backward, one pass reads every (weight, grad) pair once, reduces w·g into per-unit fp32 sums
 (a unit may span several tensors: an embedding channel spans every block) and adds each squared sum
 into a persistent fp32 `scores` buffer. Which elements feed which unit comes from the
-:class:`~nvit_kernels.vit_maps.TensorMap` of each parameter (row maps and column maps of its
-[rows, cols] view); :class:`SaliencyPlan` packs those maps once into device-resident tables.
+:class:`TensorMap` of each parameter (row maps and column maps of its [rows, cols] view: segment maps
+of unit ids; this package knows no model -- nvit.spec derives the maps from a model family); :class:`SaliencyPlan` packs those maps once into device-resident tables.
 
 Public API::
 
@@ -18,14 +18,13 @@ for CPU tensors, Triton or CUDA for CUDA tensors, or the eager PyTorch version (
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from . import _native, dispatch
-from .vit_maps import TensorMap
 
 # Plan layout; mirrors csrc/saliency.h (keep in sync).
 (W_PTR, G_PTR, DTYPE, ROWS, COLS, N_ROW_MAPS, N_COL_MAPS, MAP_OFF, TILE0, N_ROW_TILES, N_COL_TILES,
@@ -37,7 +36,29 @@ TILE_ROWS, TILE_COLS, VEC_TILE = 32, 256, 4096  # GPU tiles (CUDA and Triton sha
 _INT32_MAX = 2**31 - 1
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-__all__ = ["SaliencyPlan", "saliency_accumulate", "saliency_reference"]
+__all__ = ["SaliencyPlan", "TensorMap", "saliency_accumulate", "saliency_reference"]
+
+
+@dataclass
+class TensorMap:
+    """How one parameter (viewed as a contiguous [rows, cols] matrix) feeds units.
+
+    Each row map holds one unit id per row (-1: none), each column map one per column; an element
+    (r, c) adds w·g to every unit its row and column maps name.
+    """
+
+    rows: int
+    cols: int
+    row_maps: list[torch.Tensor] = field(default_factory=list)
+    col_maps: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self):
+        for m in self.row_maps:
+            if m.numel() != self.rows:
+                raise ValueError(f"nvit: row map has {m.numel()} entries for {self.rows} rows")
+        for m in self.col_maps:
+            if m.numel() != self.cols:
+                raise ValueError(f"nvit: column map has {m.numel()} entries for {self.cols} columns")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from nvit.cost import count_flops
 from nvit.datasets import load_embedded
 from nvit.pruner import Pruner, Target, _Group
 from nvit.tiny_model import create_embedded_model
-from nvit_kernels.vit_maps import KIND_NAMES
+from nvit.spec import KIND_NAMES
 
 
 def mean_loss(model, x, y, batch=250) -> float:

@@ -4,7 +4,11 @@ from __future__ import annotations
 import torch
 
 from nvit_kernels.saliency import saliency_reference
-from nvit_kernels.vit_maps import BlockDims, TensorMap, ViTLayout, deit_maps, vit_maps
+import timm
+
+from nvit.model import BlockConfig, NViT, NViTConfig
+from nvit.structures import Adapter
+from nvit_kernels.saliency import TensorMap
 
 
 def _ids(n: int, lo: int, hi: int, g: torch.Generator, none_frac: float = 0.2) -> torch.Tensor:
@@ -47,21 +51,23 @@ def odd_maps(seed: int = 0, big: bool = True) -> tuple[list[TensorMap], list[tup
 
 
 def mini_vit_maps(granularity: str = "aligned", blocks: int = 12):
-    """A tiny ViT with 12 blocks (the embedding units span all of them), uneven dims for per-head."""
+    """A tiny distilled NViT with 12 blocks (the embedding units span all of them), uneven dims and
+    LayerScale for per-head; maps as the ViT family declares them."""
     if granularity == "aligned":
-        b = [BlockDims([4, 4], [3, 3], 11) for _ in range(blocks)]
-        qkv_order = "sections"
+        b = [BlockConfig([4, 4], [3, 3], 11, [0.5, 0.5]) for _ in range(blocks)]
     else:
-        b = [BlockDims([2, 5, 3], [3, 1, 2], 7 + i, layer_scale=True) for i in range(blocks)]
-        qkv_order = "per-head"
-    layout = ViTLayout(10, b, qkv_order=qkv_order)
-    named, ui = vit_maps(layout, granularity, patch_dim=12, num_pos=5, prefix_tokens=("cls_token", "dist_token"),
-                         classifier_heads=("head", "head_dist"), num_classes=7)
+        b = [BlockConfig([2, 5, 3], [3, 1, 2], 7 + i, [0.5] * 3) for i in range(blocks)]
+    cfg = NViTConfig(img_size=4, patch_size=2, in_chans=3, num_classes=7, embed_dim=10, blocks=b, dist_token=True,
+                     layer_scale=granularity != "aligned")
+    named, ui = Adapter(NViT(cfg)).saliency_maps(granularity)
     return [m for _, m in named], ui.num_units
 
 
 def deit_case(name: str = "tiny", granularity: str = "aligned"):
-    named, ui = deit_maps(name, granularity)
+    """The maps of DeiT-{tiny,small,base} at 224² (built on the meta device: shapes only)."""
+    with torch.device("meta"):
+        model = timm.create_model(f"deit_{name}_patch16_224")
+    named, ui = Adapter(model).saliency_maps(granularity)
     return [m for _, m in named], ui.num_units
 
 

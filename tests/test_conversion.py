@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from nvit.structures import UnsupportedModelError, ViTAdapter
+from nvit.structures import UnsupportedModelError, Adapter
 from _vit_factory import VARIANTS, random_masks, tiny_vit
 
 GRANS = ["aligned", "per-head"]
@@ -12,7 +12,7 @@ GRANS = ["aligned", "per-head"]
 
 def _masked_and_converted(model, gran, seed, branches=False):
     m = copy.deepcopy(model)
-    a = ViTAdapter(m)
+    a = Adapter(m)
     M = random_masks(a, gran, seed, branches=branches)
     a.install_norms(M)
     a.apply_masks(M)
@@ -43,7 +43,7 @@ def test_converted_equals_masked(variant, gran, seed, branches):
 
 def test_unmasked_conversion_is_identity_and_keeps_scale():
     model = tiny_vit("plain")
-    a = ViTAdapter(copy.deepcopy(model))
+    a = Adapter(copy.deepcopy(model))
     nv = a.convert(a.full_masks())
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
@@ -63,12 +63,12 @@ def test_nvit_model_can_be_pruned_again():
 
 def test_unsupported_modules_are_named():
     with pytest.raises(UnsupportedModelError, match="VisionTransformer"):
-        ViTAdapter(torch.nn.Linear(3, 3))
+        Adapter(torch.nn.Linear(3, 3))
     import timm
 
     m = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, depth=1, global_pool="map")
     with pytest.raises(UnsupportedModelError, match="attn_pool"):
-        ViTAdapter(m)
+        Adapter(m)
 
 
 @pytest.mark.parametrize("gran", GRANS)
@@ -81,7 +81,7 @@ def test_qk_norm_models_convert_exactly_with_qk_dims_kept(gran):
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3)
-    a = ViTAdapter(m)
+    a = Adapter(m)
     assert not a.qk_prunable
     M = random_masks(a, gran, 2)
     for b in range(len(M.qk)):

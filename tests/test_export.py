@@ -5,7 +5,7 @@ import torch
 import nvit
 from nvit import export as E
 from nvit.deploy import attention_groups, exportable
-from nvit.structures import ViTAdapter
+from nvit.structures import Adapter
 from _vit_factory import random_masks, tiny_vit
 
 onnx_ready = pytest.mark.skipif(any(__import__("importlib").util.find_spec(p) is None for p in E.ONNX_PACKAGES),
@@ -14,7 +14,7 @@ onnx_ready = pytest.mark.skipif(any(__import__("importlib").util.find_spec(p) is
 
 def _nvit(gran="per-head", branches=False, variant="layerscale_nobias", seed=1):
     m = tiny_vit(variant, depth=3)
-    a = ViTAdapter(m)
+    a = Adapter(m)
     return a.convert(random_masks(a, gran, seed, branches=branches)).eval()
 
 
@@ -96,7 +96,7 @@ def test_deit_small_exports_to_onnx(tmp_path):
     import timm
 
     torch.manual_seed(0)
-    a = ViTAdapter(timm.create_model("deit_small_patch16_224", pretrained=False, depth=4))
+    a = Adapter(timm.create_model("deit_small_patch16_224", pretrained=False, depth=4))
     nv = a.convert(random_masks(a, "per-head", 0)).eval()
     err = E.export(nv, tmp_path / "deit_s.onnx", fmt="onnx", batch="1", log=lambda *_: None)
     assert err <= 1e-4 and (tmp_path / "deit_s.onnx").stat().st_size > 10e6

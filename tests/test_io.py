@@ -6,13 +6,13 @@ import torch
 
 import nvit
 from nvit.io import ModelFileError
-from nvit.structures import ViTAdapter
+from nvit.structures import Adapter
 from _vit_factory import random_masks, tiny_vit
 
 
 @pytest.fixture()
 def saved(tmp_path):
-    a = ViTAdapter(tiny_vit("distilled"))
+    a = Adapter(tiny_vit("distilled"))
     nv = a.convert(random_masks(a, "per-head", 0))
     path = nvit.save(nv, tmp_path / "m")
     return nv, path
@@ -115,5 +115,5 @@ def test_format_version_1_folders_still_load(tmp_path):
 
 
 def _model():
-    a = ViTAdapter(tiny_vit("plain"))
+    a = Adapter(tiny_vit("plain"))
     return a.convert(random_masks(a, "per-head", 0))

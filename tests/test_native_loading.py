@@ -155,10 +155,10 @@ def test_saved_model_runs_with_torch_alone(tmp_path):
     import torch
 
     import nvit
-    from nvit.structures import ViTAdapter
+    from nvit.structures import Adapter
     from _vit_factory import random_masks, tiny_vit
 
-    a = ViTAdapter(tiny_vit("plain"))
+    a = Adapter(tiny_vit("plain"))
     nv = a.convert(random_masks(a, "per-head", 0)).eval()
     nvit.save(nv, tmp_path / "m")
     x = torch.randn(2, 3, 16, 16)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from nvit.structures import ViTAdapter
+from nvit.structures import Adapter
 from nvit_kernels import dispatch
 from nvit_kernels.dispatch import use_backend
 from _vit_factory import random_masks, tiny_vit
@@ -14,7 +14,7 @@ from _vit_factory import random_masks, tiny_vit
 
 def _converted(seed=0, embed_dim=24, depth=2, img_size=16):
     model = tiny_vit("plain", embed_dim=embed_dim, depth=depth, num_heads=3, img_size=img_size, seed=seed)
-    a = ViTAdapter(model)
+    a = Adapter(model)
     M = random_masks(a, "per-head", seed)
     a.install_norms(M)
     a.apply_masks(M)

@@ -154,7 +154,7 @@ def test_unsupported_model_refused_before_data_or_evaluation(tmp_path, capsys):
     assert _run(["--model", "resnet18", "--checkpoint", ck, "--data", tmp_path / "no-such-data", "--out", out,
                  *FAST]) == 2
     captured = capsys.readouterr()
-    assert "nvit prunes timm VisionTransformer models" in captured.err and "ResNet" in captured.err
+    assert "nvit prunes timm VisionTransformer" in captured.err and "ResNet" in captured.err
     assert "dense model: top-1" not in captured.out + captured.err
 
 
@@ -170,7 +170,7 @@ def test_branch_pruning_from_the_cli(tiny_nvit, tmp_path):
 def test_one_shot_prunes_without_training(tiny_nvit, tmp_path):
     """--one-shot --finetune-epochs 0: no weight is updated, so the saved model is exactly the dense
     model cut by the saved masks; the target is reached in --one-shot-steps steps."""
-    from nvit.structures import Masks, ViTAdapter
+    from nvit.structures import Masks, Adapter
 
     out = tmp_path / "run"
     assert _run(["--nvit-model", tiny_nvit, "--out", out, *FAST, "--one-shot", "--calibration-batches", 2,
@@ -179,7 +179,7 @@ def test_one_shot_prunes_without_training(tiny_nvit, tmp_path):
     assert len(r["prune_steps"]) == 3 and r["pruned"]["flops"] <= 0.5 * r["dense"]["flops"]
     assert r["pruned"]["top1"] == r["pruned"]["top1_before_finetune"] and "one_shot_s" in r["timings"]
     dense = nvit.load(tiny_nvit)
-    a = ViTAdapter(dense)
+    a = Adapter(dense)
     masks = Masks.from_state_dict(load_file(str(out / "masks.safetensors")))
     a.install_norms(masks)
     a.apply_masks(masks)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import nvit
 from nvit import Pruner, Target, TargetUnreachableError
 from nvit.cost import count_flops, count_params
-from nvit_kernels.vit_maps import KIND_NAMES, MLP
+from nvit.spec import KIND_NAMES, MLP
 from _vit_factory import tiny_vit
 
 GRANS = ["aligned", "per-head"]
@@ -174,13 +174,13 @@ def test_deit_small_end_to_end(gran, metric, tmp_path):
     """The issue's acceptance path on the real DeiT-S architecture (random init, nothing downloaded)."""
     import timm
 
-    from nvit.structures import ViTAdapter
+    from nvit.structures import Adapter
 
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", pretrained=False)
     table = None
     if metric == "latency":
-        a = ViTAdapter(model)
+        a = Adapter(model)
         table = _synthetic_latency_table(a.nvit_config(a.full_masks()))
     pruner = Pruner(model, Target(metric, 0.5), granularity=gran, group_size={"mlp": 16, "embed": 8},
                     latency_table=table)
@@ -266,11 +266,11 @@ def test_units_on_a_flat_stretch_of_the_latency_table_are_still_ranked():
     """A latency table flat along the MLP axis says removing MLP channels saves nothing; they must
     then be costed by the FLOPs they save, not ranked as infinitely important."""
     from nvit.latency import LatencyGrid, LatencyTable
-    from nvit.structures import ViTAdapter
+    from nvit.structures import Adapter
     from nvit.tiny_model import create_embedded_model
 
     model = create_embedded_model(pretrained=False)
-    cfg = ViTAdapter(model).nvit_config(ViTAdapter(model).full_masks())
+    cfg = Adapter(model).nvit_config(Adapter(model).full_masks())
     import numpy as np
 
     grid = LatencyGrid.for_model(cfg, points=3)

@@ -19,7 +19,7 @@ from nvit_kernels import _native, dispatch  # noqa: E402
 from nvit_kernels.dispatch import use_backend  # noqa: E402
 from nvit_kernels.saliency import (SaliencyPlan, _saliency_op, saliency_accumulate,  # noqa: E402
                                    saliency_reference)
-from nvit_kernels.vit_maps import TensorMap  # noqa: E402
+from nvit_kernels.saliency import TensorMap  # noqa: E402
 
 CPU_BACKENDS = ["cpp", "reference"]
 HAS_CUDA = torch.cuda.is_available()

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from nvit_kernels.saliency import SaliencyPlan, saliency_accumulate, saliency_reference
-from nvit_kernels.vit_maps import ATTN_BRANCH, EMBED, HEAD, MLP, MLP_BRANCH, QK, V
-from nvit.structures import ViTAdapter
+from nvit.spec import ATTN_BRANCH, EMBED, HEAD, MLP, MLP_BRANCH, QK, V
+from nvit.structures import Adapter
 from _vit_factory import tiny_vit
 
 GRANS = ["aligned", "per-head"]
@@ -73,7 +73,7 @@ def _gated_loss(model, gran, gates, x, y):
 def test_saliency_equals_gate_derivative(variant, gran):
     torch.manual_seed(0)
     model = tiny_vit(variant, dtype=torch.float64)
-    a = ViTAdapter(model)
+    a = Adapter(model)
     pairs, units = a.saliency_maps(gran, branches=True)
     x, y = _batch()
     gates = {"embed": torch.ones(model.embed_dim, dtype=torch.float64, requires_grad=True)}
@@ -119,7 +119,7 @@ def test_saliency_equals_gate_derivative(variant, gran):
 @pytest.mark.parametrize("gran", GRANS)
 def test_fused_op_matches_reference_on_model(gran):
     model = tiny_vit("plain")
-    a = ViTAdapter(model)
+    a = Adapter(model)
     pairs, units = a.saliency_maps(gran)
     x, y = _batch(1)
     F.cross_entropy(model(x.float()), y).backward()

@@ -18,7 +18,7 @@ from _saliency_common import assert_scores_close, make_tensors, mini_vit_maps, o
 from nvit_kernels import dispatch  # noqa: E402
 from nvit_kernels.dispatch import use_backend  # noqa: E402
 from nvit_kernels.saliency import SaliencyPlan, saliency_accumulate  # noqa: E402
-from nvit_kernels.vit_maps import TensorMap  # noqa: E402
+from nvit_kernels.saliency import TensorMap  # noqa: E402
 
 INTERP = dispatch.triton_interpreter()
 in_interp = pytest.mark.skipif(not INTERP, reason="runs in the TRITON_INTERPRET=1 subprocess "

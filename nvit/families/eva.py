@@ -1,0 +1,9 @@
+from ..spec import Family
+
+
+class EvaFamily(Family):
+    name = "eva"
+
+    @classmethod
+    def matches(cls, model):
+        return False

@@ -1,0 +1,410 @@
+"""What a prunable structure *is*, declared once per model family and derived everywhere else.
+
+Data flow (one read, top to bottom)::
+
+    model ──Family.slices()──▶ [Slice]          which positions of which parameter each structure owns
+          ──Units.build()────▶ unit ids         one id per structure (kind, block, head, index)
+    [Slice] + unit ids ──saliency_maps()──▶ segment maps for the fused saliency kernel (nvit_kernels)
+    kernel ──▶ scores per unit ──Pruner──▶ Masks (what is kept)
+    [Slice] + Masks ──keep_masks()──▶ which rows/columns are zero in the masked model
+    [Slice] + Masks ──sliced_state()──▶ the kept rows/columns, in the converted model's order
+          ──Family.config()/convert_state()──▶ the converted NViT model
+
+A family (``nvit/families/*.py``) declares, for one model instance: its dims (heads, per-head QK and
+V units, MLP width, embedding width), every :class:`Slice` (parameter, axis, which structure each
+position belongs to, and whether the slice *writes* the structure's gated output -- the only slices
+whose w·g enters the structure's saliency), the embedding LayerNorms, its guards (modules it cannot
+prune exactly), the converted architecture (an :class:`~nvit.model.NViTConfig`, whose params/FLOPs
+nvit.cost counts) and how the sliced parameters are named there. Everything else -- saliency maps,
+zeroing masks, conversion slicing, unit bookkeeping -- is derived here, the same for every family.
+
+Kinds (the method's structures)::
+
+    embed        one embedding channel (shared by every block through the residual stream)
+    head         one attention head of a block
+    qk / v       one QK (V) unit of a head (per-head granularity) or of every head of a block (aligned);
+                 a QK unit is `Family.qk_width` dims (2 for rotary embeddings: a rotated pair)
+    mlp          one MLP channel of a block
+    attn_branch / mlp_branch   a block's whole attention / MLP branch (layer skipping)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from nvit_kernels.saliency import TensorMap
+
+EMBED, HEAD, QK, V, MLP, ATTN_BRANCH, MLP_BRANCH = range(7)
+KIND_NAMES = ("embed", "head", "qk", "v", "mlp", "attn_branch", "mlp_branch")
+GRANULARITIES = ("aligned", "per-head")
+
+
+class UnsupportedModelError(ValueError):
+    """The model has modules nvit cannot prune exactly."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Declarations
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Slice:
+    """The positions along one axis of one parameter that belong to structures of one kind.
+
+    axis: 0 (rows: the output features of a Linear, the channels of a vector) or -1 (the last axis:
+    a Linear's input features, a token's channels). Per position, `head` and `index` name the
+    structure, as units do: (head=-1, index=h) for a head, (head=h, index=j) for QK/V unit j of head
+    h, (-1, c) for an embedding or MLP channel, (-1, 0) for a branch; index -1: the position belongs to
+    no structure of this kind. writes: a multiplicative gate on the structure scales this slice's
+    output, so Σ w·g over the slice is a term of the gate's derivative (the saliency). Slices that
+    merely read a structure's output, or feed it (fc1 rows before the nonlinearity), are removed with
+    it but add nothing to its saliency. order: the conversion's sort key per position (default: the
+    position), so kept rows can be regrouped (e.g. timm's [q | k | v] sections into per-head [q_h k_h v_h]).
+    """
+
+    param: str
+    axis: int
+    kind: int
+    block: int
+    index: torch.Tensor
+    head: torch.Tensor | None = None
+    writes: bool = False
+    order: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.axis not in (0, -1):
+            raise ValueError(f"nvit: slice of {self.param}: axis must be 0 or -1, got {self.axis}")
+        self.index = self.index.long()
+        self.head = torch.full_like(self.index, -1) if self.head is None else self.head.long()
+        if self.head.shape != self.index.shape:
+            raise ValueError(f"nvit: slice of {self.param}: head and index differ in length")
+
+
+def positions(n: int, index: torch.Tensor | int, head: torch.Tensor | int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, head) of n positions from scalars or tensors (broadcast) -- a helper for families."""
+    idx = torch.as_tensor(index).long().expand(n).clone()
+    hd = torch.as_tensor(head).long().expand(n).clone()
+    return idx, hd
+
+
+@dataclass
+class BlockDims:
+    """One block's prunable units: per head, its QK units and V dims; the MLP width."""
+
+    qk_units: list[int]
+    v_dims: list[int]
+    mlp: int
+
+    @property
+    def heads(self) -> int:
+        return len(self.qk_units)
+
+
+@dataclass
+class Dims:
+    embed: int
+    blocks: list[BlockDims]
+
+
+# --------------------------------------------------------------------------------------------------
+# Units: one id per structure
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class UnitIndex:
+    """What each unit id is: kind, block (-1 for embedding), head (-1 where the unit spans heads or is
+    a head) and index within its head/block/embedding."""
+
+    kind: torch.Tensor
+    block: torch.Tensor
+    head: torch.Tensor
+    index: torch.Tensor
+
+    @property
+    def num_units(self) -> int:
+        return int(self.kind.numel())
+
+
+class Units:
+    """Unit ids of every structure of a model for one granularity (and with or without branch units).
+
+    Each (kind, block) has an id table [rows, n]: rows are heads for QK/V (in "aligned" granularity
+    every row holds the same ids: one unit per dim index, shared by all heads), one row otherwise."""
+
+    def __init__(self, dims: Dims, granularity: str, branches: bool):
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"nvit: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        rows: list[tuple[int, int, int, int]] = []
+        self.tables: dict[tuple[int, int], torch.Tensor] = {}
+
+        def take(kind, block, head, n):
+            start = len(rows)
+            rows.extend((kind, block, head, i) for i in range(n))
+            return torch.arange(start, start + n)
+
+        self.tables[(EMBED, -1)] = take(EMBED, -1, -1, dims.embed)[None]
+        for b, bd in enumerate(dims.blocks):
+            H = bd.heads
+            self.tables[(HEAD, b)] = take(HEAD, b, -1, H)[None]
+            for kind, per_head in ((QK, bd.qk_units), (V, bd.v_dims)):
+                width = max(per_head)
+                t = torch.full((H, width), -1, dtype=torch.long)
+                if granularity == "aligned":
+                    if len(set(per_head)) > 1:
+                        raise ValueError(f"nvit: block {b} has uneven head dims; 'aligned' needs equal dims per head")
+                    t[:] = take(kind, b, -1, width)
+                else:
+                    for h in range(H):
+                        t[h, : per_head[h]] = take(kind, b, h, per_head[h])
+                self.tables[(kind, b)] = t
+            self.tables[(MLP, b)] = take(MLP, b, -1, bd.mlp)[None]
+            if branches:
+                self.tables[(ATTN_BRANCH, b)] = take(ATTN_BRANCH, b, -1, 1)[None]
+                self.tables[(MLP_BRANCH, b)] = take(MLP_BRANCH, b, -1, 1)[None]
+        t = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
+        self.index = UnitIndex(*(t[:, i].contiguous() for i in range(4)))
+
+    def ids(self, s: Slice) -> torch.Tensor | None:
+        """Unit id per position of a slice (-1: none); None when the kind has no units here."""
+        t = self.tables.get((s.kind, s.block))
+        if t is None:
+            return None
+        owned = s.index >= 0
+        row = s.head.clamp_min(0) if s.kind in (QK, V) else torch.zeros_like(s.index)
+        out = torch.full_like(s.index, -1)
+        out[owned] = t[row[owned], s.index[owned]]
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks: what is kept
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Masks:
+    """Keep-masks (bool) of every structure, always stored per head.
+
+    embed [D]; per block: heads [H], qk [H, QK units], v [H, dv], mlp [M]; attn_on / mlp_on [depth]:
+    whether each block keeps its attention / MLP branch. A removed head's QK and V entries are False
+    too, and so are all heads (all MLP channels) of a removed branch. In "aligned" granularity the
+    qk/v rows of all alive heads are equal.
+    """
+
+    embed: torch.Tensor
+    heads: list[torch.Tensor]
+    qk: list[torch.Tensor]
+    v: list[torch.Tensor]
+    mlp: list[torch.Tensor]
+    attn_on: torch.Tensor | None = None
+    mlp_on: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.attn_on is None:
+            self.attn_on = torch.ones(len(self.heads), dtype=torch.bool)
+        if self.mlp_on is None:
+            self.mlp_on = torch.ones(len(self.heads), dtype=torch.bool)
+
+    @classmethod
+    def full(cls, dims: Dims) -> "Masks":
+        def per_head(n: list[int]) -> torch.Tensor:
+            t = torch.zeros(len(n), max(n), dtype=torch.bool)
+            for h, k in enumerate(n):
+                t[h, :k] = True
+            return t
+
+        return cls(torch.ones(dims.embed, dtype=torch.bool),
+                   [torch.ones(b.heads, dtype=torch.bool) for b in dims.blocks],
+                   [per_head(b.qk_units) for b in dims.blocks], [per_head(b.v_dims) for b in dims.blocks],
+                   [torch.ones(b.mlp, dtype=torch.bool) for b in dims.blocks])
+
+    def clone(self) -> "Masks":
+        return Masks(self.embed.clone(), [t.clone() for t in self.heads], [t.clone() for t in self.qk],
+                     [t.clone() for t in self.v], [t.clone() for t in self.mlp], self.attn_on.clone(),
+                     self.mlp_on.clone())
+
+    def table(self, kind: int, block: int) -> torch.Tensor:
+        """Alive flags in the layout of Units.tables (rows: heads for QK/V, else one row)."""
+        if kind == EMBED:
+            return self.embed[None]
+        if kind == HEAD:
+            return self.heads[block][None]
+        if kind in (QK, V):
+            return (self.qk if kind == QK else self.v)[block] & self.heads[block][:, None]
+        if kind == MLP:
+            return self.mlp[block][None]
+        return (self.attn_on if kind == ATTN_BRANCH else self.mlp_on)[block].reshape(1, 1)
+
+    def alive(self, s: Slice) -> torch.Tensor:
+        """Per position of a slice: kept (positions the slice does not own count as kept)."""
+        t = self.table(s.kind, s.block)
+        owned = s.index >= 0
+        row = s.head.clamp_min(0) if s.kind in (QK, V) else torch.zeros_like(s.index)
+        out = torch.ones_like(s.index, dtype=torch.bool)
+        out[owned] = t[row[owned], s.index[owned]]
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        d = {"embed": self.embed, "attn_on": self.attn_on, "mlp_on": self.mlp_on}
+        for i in range(len(self.heads)):
+            d.update({f"heads.{i}": self.heads[i], f"qk.{i}": self.qk[i], f"v.{i}": self.v[i],
+                      f"mlp.{i}": self.mlp[i]})
+        return d
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, torch.Tensor]) -> "Masks":
+        n = sum(1 for k in d if k.startswith("heads."))
+        g = lambda k: [d[f"{k}.{i}"].bool() for i in range(n)]  # noqa: E731
+        on = lambda k: d[k].bool() if k in d else None  # noqa: E731  (masks saved before branches existed)
+        return cls(d["embed"].bool(), g("heads"), g("qk"), g("v"), g("mlp"), on("attn_on"), on("mlp_on"))
+
+    def equal(self, other: "Masks") -> bool:
+        a, b = self.state_dict(), other.state_dict()
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------------
+# A family's declaration
+# --------------------------------------------------------------------------------------------------
+class Family:
+    """One model family's structures. Subclasses (nvit/families/) override the methods below; the
+    rest of nvit derives everything from them. A family instance describes one model."""
+
+    name = "family"
+    qk_width = 1  # dims per QK unit
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def problems(self) -> list[str]:
+        """Modules this family cannot prune exactly (each named); empty when the model is supported."""
+        return []
+
+    def dims(self) -> Dims:
+        raise NotImplementedError
+
+    def slices(self, dims: Dims) -> list[Slice]:
+        """Every slice of every structure, branch slices included (the caller drops them when
+        branches are not ranked)."""
+        raise NotImplementedError
+
+    def embed_norms(self) -> list[tuple[nn.Module, str]]:
+        """(parent, attribute) of every LayerNorm over the embedding (normalised over kept channels)."""
+        return []
+
+    def qk_prunable(self) -> bool:
+        """False where removing a QK dim would change the other dims' values (q/k norm)."""
+        return True
+
+    def scales(self) -> list[list[float]]:
+        """Softmax scale per head of each block (kept through pruning)."""
+        raise NotImplementedError
+
+    def config(self, masks: Masks, provenance: dict | None = None):
+        """The converted model's architecture (an NViTConfig) for these masks."""
+        raise NotImplementedError
+
+    def build(self, config) -> nn.Module:
+        """An empty converted model of that architecture."""
+        raise NotImplementedError
+
+    def convert_state(self, sliced: dict[str, torch.Tensor], masks: Masks, config) -> dict[str, torch.Tensor]:
+        """The converted model's state dict from the kept slices of every source parameter (by source
+        name, kept rows already in the converted order). Default: the same names."""
+        return sliced
+
+
+# --------------------------------------------------------------------------------------------------
+# Derived: saliency maps, keep masks, sliced state
+# --------------------------------------------------------------------------------------------------
+def _view(p: torch.Tensor, slices: list[Slice]) -> tuple[int, int]:
+    """The [rows, cols] view of a parameter: rows are dim 0 when a slice owns dim 0, else all leading
+    dims (tokens: [1, N, D] → [N, D])."""
+    if p.dim() <= 1:
+        return p.numel(), 1
+    if any(s.axis == 0 for s in slices):
+        if p.dim() > 2 and any(s.axis == -1 for s in slices):
+            raise ValueError("nvit: a parameter of more than 2 dims is sliced along both axes")
+        return p.shape[0], p.numel() // p.shape[0]
+    return p.numel() // p.shape[-1], p.shape[-1]
+
+
+def _axis_len(p: torch.Tensor, axis: int) -> int:
+    return p.shape[0] if axis == 0 or p.dim() == 1 else p.shape[-1]
+
+
+def group_by_param(slices: list[Slice], params: dict[str, torch.Tensor]) -> dict[str, list[Slice]]:
+    """Slices by parameter, in declaration order; checks each slice against its parameter."""
+    out: dict[str, list[Slice]] = {}
+    for s in slices:
+        if s.param not in params:
+            raise UnsupportedModelError(f"nvit: the spec names parameter {s.param!r}, which the model lacks")
+        n = _axis_len(params[s.param], s.axis)
+        if s.index.numel() != n:
+            raise ValueError(f"nvit: slice of {s.param} (axis {s.axis}) has {s.index.numel()} positions, "
+                             f"the parameter {n}")
+        out.setdefault(s.param, []).append(s)
+    return out
+
+
+def saliency_maps(by_param: dict[str, list[Slice]], params: dict[str, torch.Tensor], units: Units
+                  ) -> list[tuple[torch.Tensor, TensorMap]]:
+    """(parameter, segment map) for every parameter some structure's saliency reads: each writing
+    slice becomes one row or column map of unit ids."""
+    out = []
+    for name, ss in by_param.items():
+        p = params[name]
+        rows, cols = _view(p, ss)
+        row_maps, col_maps = [], []
+        for s in ss:
+            ids = units.ids(s) if s.writes else None
+            if ids is None or bool((ids < 0).all()):
+                continue
+            (row_maps if s.axis == 0 or p.dim() <= 1 else col_maps).append(ids.to(torch.int32))
+        if row_maps or col_maps:
+            out.append((p, TensorMap(rows, cols, row_maps, col_maps)))
+    return out
+
+
+def keep_masks(by_param: dict[str, list[Slice]], params: dict[str, torch.Tensor], masks: Masks
+               ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    """(parameter, row keep mask or None, last-axis keep mask or None): a position is kept when every
+    structure owning it is."""
+    out = []
+    for name, ss in by_param.items():
+        p = params[name]
+        keep = {0: None, -1: None}
+        for s in ss:
+            ax = 0 if p.dim() <= 1 else s.axis
+            a = masks.alive(s)
+            keep[ax] = a if keep[ax] is None else keep[ax] & a
+        out.append((p, keep[0], keep[-1]))
+    return out
+
+
+def sliced_state(by_param: dict[str, list[Slice]], params: dict[str, torch.Tensor], masks: Masks
+                 ) -> dict[str, torch.Tensor]:
+    """Every parameter's kept rows/columns (rows sorted by the slices' order keys), by source name;
+    parameters no structure owns are copied whole."""
+    out = {}
+    for name, p in params.items():
+        t = p.detach()
+        ss = by_param.get(name, [])
+        for ax in (0, -1):
+            axis_slices = [s for s in ss if (0 if p.dim() <= 1 else s.axis) == ax]
+            if not axis_slices:
+                continue
+            keep = torch.ones(_axis_len(p, ax), dtype=torch.bool)
+            order = None
+            for s in axis_slices:
+                keep &= masks.alive(s)
+                if s.order is not None:
+                    order = s.order
+            idx = keep.nonzero().flatten()
+            if order is not None:
+                idx = idx[torch.argsort(order[idx], stable=True)]
+            t = t.index_select(0 if ax == 0 else t.dim() - 1, idx.to(t.device))
+        out[name] = t.clone()
+    return out
