@@ -27,7 +27,7 @@ import nvit_kernels.attention  # noqa: F401  (defines torch.ops.nvit.uneven_atte
 from .model import BlockConfig, NViTConfig
 
 __all__ = [
-    "attention_flops", "block_flops", "block_params", "count_flops", "count_macs", "count_params",
+    "attention_flops", "block_flops", "block_params", "config_block_flops", "config_block_params", "count_flops", "count_macs", "count_params",
     "BlockCost", "CostReport", "cost_report",
 ]
 
@@ -51,15 +51,18 @@ def _attention_backward_flops(qk_dims: Sequence[int], v_dims: Sequence[int], tok
     return batch_size * sum(2 * n2 * (3 * int(q) + 2 * int(v)) for q, v in zip(qk_dims, v_dims))
 
 
-def block_flops(embed_dim: int, block_cfg: BlockConfig, tokens: int, batch_size: int = 1) -> int:
-    """Forward FLOPs of one NViT block (qkv, attention, proj, fc1, fc2) on `tokens` tokens."""
+def block_flops(embed_dim: int, block_cfg: BlockConfig, tokens: int, batch_size: int = 1, *,
+                swiglu: bool = False) -> int:
+    """Forward FLOPs of one NViT block (qkv, attention, proj, fc1, fc2) on `tokens` tokens (SwiGLU:
+    fc1 has a gate and a value row per channel)."""
     D, c = embed_dim, block_cfg  # a removed branch (no heads / mlp == 0) costs nothing
-    per_token = 2 * D * c.qkv_out + 2 * sum(c.v_dims) * D + 2 * D * c.mlp + 2 * c.mlp * D
+    fc1 = c.mlp * (2 if swiglu else 1)
+    per_token = 2 * D * c.qkv_out + 2 * sum(c.v_dims) * D + 2 * D * fc1 + 2 * c.mlp * D
     return batch_size * tokens * per_token + attention_flops(c.qk_dims, c.v_dims, tokens, batch_size)
 
 
 def block_params(embed_dim: int, block_cfg: BlockConfig, *, qkv_bias: bool = True, proj_bias: bool = True,
-                 layer_scale: bool = False) -> int:
+                 layer_scale: bool = False, swiglu: bool = False) -> int:
     """Parameters of one NViT block (two LayerNorms, qkv, proj, optional LayerScales, fc1, fc2)."""
     D, c = embed_dim, block_cfg
     attn = (2 * D                                          # norm1
@@ -67,9 +70,21 @@ def block_params(embed_dim: int, block_cfg: BlockConfig, *, qkv_bias: bool = Tru
             + _linear_params(sum(c.v_dims), D, proj_bias)
             + (D if layer_scale else 0))                   # ls1
     mlp = (2 * D                                           # norm2
-           + _linear_params(D, c.mlp) + _linear_params(c.mlp, D)
+           + _linear_params(D, c.mlp * (2 if swiglu else 1)) + _linear_params(c.mlp, D)
            + (D if layer_scale else 0))                    # ls2
     return (attn if c.has_attn else 0) + (mlp if c.has_mlp else 0)
+
+
+def config_block_params(config: NViTConfig, block_cfg: BlockConfig) -> int:
+    """Parameters of one block of a model with `config`'s options (biases, LayerScale, MLP kind)."""
+    c = config
+    return block_params(c.embed_dim, block_cfg, qkv_bias=c.qkv_bias, proj_bias=c.proj_bias, layer_scale=c.layer_scale,
+                        swiglu=c.mlp_kind == "swiglu")
+
+
+def config_block_flops(config: NViTConfig, block_cfg: BlockConfig, batch_size: int = 1) -> int:
+    """Forward FLOPs of one block of a model with `config`'s token count and MLP kind."""
+    return block_flops(config.embed_dim, block_cfg, config.num_tokens, batch_size, swiglu=config.mlp_kind == "swiglu")
 
 
 def _n_heads_out(config: NViTConfig) -> int:
@@ -110,8 +125,7 @@ def _head_flops(config: NViTConfig, batch_size: int) -> int:
 def count_params(config: NViTConfig) -> int:
     """Exactly ``sum(p.numel() for p in NViT(config).parameters())``, without building the model."""
     c = config
-    blocks = sum(block_params(c.embed_dim, b, qkv_bias=c.qkv_bias, proj_bias=c.proj_bias,
-                              layer_scale=c.layer_scale) for b in c.blocks)
+    blocks = sum(config_block_params(c, b) for b in c.blocks)
     return _stem_params(c) + blocks + _head_params(c)
 
 
@@ -124,7 +138,7 @@ def count_flops(config: NViTConfig, batch_size: int = 1) -> int:
     """
     c, N = config, config.num_tokens
     return (_stem_flops(c, batch_size)
-            + sum(block_flops(c.embed_dim, b, N, batch_size) for b in c.blocks)
+            + sum(config_block_flops(c, b, batch_size) for b in c.blocks)
             + _head_flops(c, batch_size))
 
 
@@ -194,9 +208,7 @@ def cost_report(config: NViTConfig, batch_size: int = 1) -> CostReport:
     for i, b in enumerate(c.blocks):
         rep.blocks.append(BlockCost(
             index=i, heads=b.heads, qk_dims=list(b.qk_dims), v_dims=list(b.v_dims), mlp=b.mlp,
-            params=block_params(c.embed_dim, b, qkv_bias=c.qkv_bias, proj_bias=c.proj_bias,
-                                layer_scale=c.layer_scale),
-            flops=block_flops(c.embed_dim, b, N, batch_size)))
+            params=config_block_params(c, b), flops=config_block_flops(c, b, batch_size)))
     return rep
 
 

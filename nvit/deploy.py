@@ -47,6 +47,8 @@ class GroupedAttention(nn.Module):
         super().__init__()
         if attn.qk_norm:
             raise ValueError("nvit: exporting q/k-normalised attention is not supported yet")
+        if attn.rope_dim:
+            raise ValueError("nvit: exporting rotary (EVA-02) attention is not supported yet")
         qk, vd, sc = list(attn.qk_dims), list(attn.v_dims), list(attn.scales)
         # Where each head's q, k, v rows start in the packed per-head qkv, and its columns in proj.
         q0 = [sum(2 * qk[i] + vd[i] for i in range(h)) for h in range(len(qk))]

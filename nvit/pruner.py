@@ -128,6 +128,9 @@ class Pruner:
         self._fraction_cache: dict[str, float] = {}
         self._index_units()
         self.dense_config = self.config()
+        if self.table is not None and self.dense_config.family != "vit":
+            raise ValueError(f"nvit: latency tables measure ViT blocks (GELU MLP, no rotary embedding); prune this "
+                             f"{self.dense_config.family} model to a FLOPs or params target")
         self.dense_cost = {m: self._metric(m, self.dense_config) for m in METRICS if m != "latency" or self.table}
         if target is not None:
             floor = self._metric(target.metric, self._smallest_config()) / self.dense_cost[target.metric]
@@ -187,7 +190,8 @@ class Pruner:
         for b in c.blocks:  # uneven dims (a re-pruned NViT model): the smallest heads, a lower bound
             heads = floor(len(b.qk_dims), "head")
             if self.adapter.qk_prunable:
-                qk = [min(floor(q, "qk") for q in b.qk_dims)] * heads
+                w = self.adapter.qk_width  # dims per QK unit
+                qk = [min(floor(q // w, "qk") * w for q in b.qk_dims)] * heads
             else:
                 qk = sorted(b.qk_dims)[:heads]
             v = [min(floor(d, "v") for d in b.v_dims)] * heads
@@ -200,13 +204,12 @@ class Pruner:
     def _block_metric(self, metric: str, cfg: NViTConfig, blk: BlockConfig) -> float:
         """The part of `metric` one block contributes (every metric is a sum over blocks plus terms
         that depend on the embedding width alone)."""
-        from .cost import block_flops, block_params
+        from .cost import config_block_flops, config_block_params
 
         if metric == "flops":
-            return float(block_flops(cfg.embed_dim, blk, cfg.num_tokens))
+            return float(config_block_flops(cfg, blk))
         if metric == "params":
-            return float(block_params(cfg.embed_dim, blk, qkv_bias=cfg.qkv_bias, proj_bias=cfg.proj_bias,
-                                      layer_scale=cfg.layer_scale))
+            return float(config_block_params(cfg, blk))
         return float(self.table.block_config_latency(cfg.embed_dim, blk))
 
     def _delta(self, metric: str, cfg: NViTConfig, kind: int, block: int, head: int) -> float:
@@ -227,7 +230,7 @@ class Pruner:
         elif kind in (QK, V):
             dims = qk if kind == QK else v
             for i in (range(len(dims)) if head < 0 else [head]):
-                dims[i] -= 1
+                dims[i] -= self.adapter.qk_width if kind == QK else 1
         else:
             mlp -= 1
         if not qk or min(qk + v + [mlp]) < 1:

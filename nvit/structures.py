@@ -124,6 +124,8 @@ class Adapter:
         ref = next(iter(self.params.values()))
         out = self.family.build(cfg).to(device=ref.device, dtype=ref.dtype).eval()
         sd = self.family.convert_state(sliced_state(self.slices, self.params, masks), masks, cfg)
+        for k, v in self.model.state_dict().items():  # buffers no structure owns (e.g. a rotary table)
+            sd.setdefault(k, v)
         target = out.state_dict()
         missing = [k for k in target if k not in sd]
         if missing:

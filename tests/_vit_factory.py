@@ -58,6 +58,12 @@ def random_masks(adapter, granularity: str, seed: int = 0, p: float = 0.35, bran
             M.v[b][h] = False
         M.mlp[b] &= torch.rand(M.mlp[b].shape, generator=g) > p
         M.mlp[b][0] = True
+    full = adapter.full_masks()  # uneven heads (an NViT model): nothing beyond a head's own dims
+    for b in range(len(M.heads)):
+        M.qk[b] &= full.qk[b]
+        M.v[b] &= full.v[b]
+        for t, f in ((M.qk[b], full.qk[b]), (M.v[b], full.v[b])):
+            t[M.heads[b] & ~t.any(1), 0] = True  # an alive head keeps ≥1 of each
     if branches:
         M.attn_on[0] = False
         M.heads[0][:] = M.qk[0][:] = M.v[0][:] = False
