@@ -33,6 +33,7 @@ import torch.nn as nn
 from nvit_kernels.saliency import SaliencyPlan, saliency_accumulate
 
 from .model import BlockConfig, NViT, NViTConfig
+from .spec import Family
 from .spec import ATTN_BRANCH, EMBED, GRANULARITIES, HEAD, KIND_NAMES, MLP, MLP_BRANCH, QK, V
 from .structures import Adapter, Masks
 
@@ -81,14 +82,15 @@ class Pruner:
     "per-head" (each head keeps its own QK and V dims). group_size: units removed together per
     kind (dims stay multiples of it: hardware-friendly rounding), e.g. {"mlp": 16, "qk": 8}.
     branches: also rank each block's whole attention and MLP branch (layer skipping, as in UVC) in
-    the same pool; a removed branch is absent from the converted model.
+    the same pool; a removed branch is absent from the converted model. family: the model's structure
+    declaration (a nvit.spec.Family subclass) where it is none of nvit.families.FAMILIES.
     """
 
     def __init__(self, model: nn.Module, target: Target | None = None, *, granularity: str = "aligned",
                  normalize: str = "cost", eta: float = 0.0, latency_table=None,
                  group_size: dict[str, int] | None = None, ema_momentum: float = 0.9,
                  deterministic: bool = False, criterion: str = "hessian", allocation: str = "global",
-                 branches: bool = False):
+                 branches: bool = False, family: type[Family] | None = None):
         if granularity not in GRANULARITIES:
             raise ValueError(f"nvit: granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if criterion not in ("hessian", "magnitude"):
@@ -112,7 +114,7 @@ class Pruner:
             gs[k] = int(v)
         self.group_size = gs
 
-        self.adapter = Adapter(model)
+        self.adapter = Adapter(model, family(model) if family is not None else None)
         self.masks = self.adapter.full_masks()
         self.adapter.install_norms(self.masks)
         pairs, self.units = self.adapter.saliency_maps(granularity, branches=self.branches)
@@ -157,13 +159,9 @@ class Pruner:
         return self.adapter.nvit_config(self.masks)
 
     def _metric(self, metric: str, cfg: NViTConfig) -> float:
-        from .cost import count_flops, count_params
-
-        if metric == "flops":
-            return float(count_flops(cfg))
-        if metric == "params":
-            return float(count_params(cfg))
-        return float(self.table.model_latency(cfg))
+        if metric == "latency":
+            return float(self.table.model_latency(cfg))
+        return self.adapter.family.cost(metric, cfg)
 
     def fraction(self, metric: str | None = None) -> float:
         """Current metric / dense metric; cached until the masks change (training loops ask often)."""
@@ -199,18 +197,14 @@ class Pruner:
                           else BlockConfig(qk, v, floor(b.mlp, "mlp"), b.scales[:heads]))
         d = c.to_dict()
         d.update(embed_dim=floor(c.embed_dim, "embed"), blocks=blocks)
-        return NViTConfig(**d)
+        return type(c)(**d)
 
     def _block_metric(self, metric: str, cfg: NViTConfig, blk: BlockConfig) -> float:
         """The part of `metric` one block contributes (every metric is a sum over blocks plus terms
         that depend on the embedding width alone)."""
-        from .cost import config_block_flops, config_block_params
-
-        if metric == "flops":
-            return float(config_block_flops(cfg, blk))
-        if metric == "params":
-            return float(config_block_params(cfg, blk))
-        return float(self.table.block_config_latency(cfg.embed_dim, blk))
+        if metric == "latency":
+            return float(self.table.block_config_latency(cfg.embed_dim, blk))
+        return self.adapter.family.block_cost(metric, cfg, blk)
 
     def _delta(self, metric: str, cfg: NViTConfig, kind: int, block: int, head: int) -> float:
         """Exact cost saved by removing one unit of `kind` at (block, head position) from `cfg`

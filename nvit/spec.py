@@ -303,8 +303,21 @@ class Family:
         raise NotImplementedError
 
     def config(self, masks: Masks, provenance: dict | None = None):
-        """The converted model's architecture (an NViTConfig) for these masks."""
+        """The converted model's architecture for these masks: a dataclass with `embed_dim`, `blocks`
+        (nvit.model.BlockConfig per block) and `family` (an NViTConfig for the built-in families)."""
         raise NotImplementedError
+
+    def cost(self, metric: str, config) -> float:
+        """Params or FLOPs ("params" | "flops", FlopCounterMode's convention) of the converted model."""
+        from .cost import count_flops, count_params
+
+        return float(count_flops(config) if metric == "flops" else count_params(config))
+
+    def block_cost(self, metric: str, config, block) -> float:
+        """The part of cost(metric, config) that one block (a BlockConfig) contributes."""
+        from .cost import config_block_flops, config_block_params
+
+        return float(config_block_flops(config, block) if metric == "flops" else config_block_params(config, block))
 
     def build(self, config) -> nn.Module:
         """An empty converted model of that architecture."""

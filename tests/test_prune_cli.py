@@ -69,6 +69,32 @@ def test_timm_model_on_image_folder(tmp_path):
     assert r["pruned"]["params"] <= 0.6 * r["dense"]["params"]
 
 
+def test_eva02_model_end_to_end(tmp_path):
+    """EVA-02 (rotary pairs, SwiGLU) through the CLI: pruned, converted, saved and reloaded."""
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c in range(2):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((rng.random((28, 28, 3)) * 255).astype("uint8")).save(d / f"{i}.png")
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, num_classes=2, depth=2)
+    ck = tmp_path / "eva.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ck))
+    out = tmp_path / "run"
+    assert _run(["--model", "eva02_tiny_patch14_224", "--checkpoint", ck, "--img-size", 28, "--data", root,
+                 "--out", out, "--target", 0.6, "--target-metric", "flops", "--granularity", "per-head", *FAST]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["pruned"]["flops"] <= 0.6 * r["dense"]["flops"]
+    back = nvit.load(out / "model")
+    assert back.config.family == "eva" and back.config.rope_dim == 64
+
+
 def test_resume_reaches_the_same_masks(tiny_nvit, tmp_path):
     common = ["--nvit-model", tiny_nvit, "--target", 0.5, *FAST]
     assert _run([*common, "--out", tmp_path / "full"]) == 0
