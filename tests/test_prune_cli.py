@@ -45,19 +45,25 @@ def test_smoke_report_and_saved_model(tiny_nvit, tmp_path, capsys):
     assert evaluate(model, load_embedded("test", limit=40)) == pytest.approx(r["pruned"]["top1"])
 
 
-def test_timm_model_on_image_folder(tmp_path):
+def _image_folder(root, *, size, classes, train, val=4):
+    """train/ and val/ folders of random RGB images, one folder per class."""
     import numpy as np
-    import timm
     from PIL import Image
 
-    root = tmp_path / "data"
     rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("val", 4)):
-        for c in range(3):
+    for split, n in (("train", train), ("val", val)):
+        for c in range(classes):
             d = root / split / f"class{c}"
             d.mkdir(parents=True)
             for i in range(n):
-                Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(d / f"{i}.png")
+                Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(d / f"{i}.png")
+    return root
+
+
+def test_timm_model_on_image_folder(tmp_path):
+    import timm
+
+    root = _image_folder(tmp_path / "data", size=32, classes=3, train=12)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=3, depth=2)
     ck = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ck))
@@ -71,18 +77,9 @@ def test_timm_model_on_image_folder(tmp_path):
 
 def test_eva02_model_end_to_end(tmp_path):
     """EVA-02 (rotary pairs, SwiGLU) through the CLI: pruned, converted, saved and reloaded."""
-    import numpy as np
     import timm
-    from PIL import Image
 
-    root = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for c in range(2):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray((rng.random((28, 28, 3)) * 255).astype("uint8")).save(d / f"{i}.png")
+    root = _image_folder(tmp_path / "data", size=28, classes=2, train=8)
     model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, num_classes=2, depth=2)
     ck = tmp_path / "eva.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ck))

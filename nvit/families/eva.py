@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..model import NViT, NViTConfig
 from ..spec import EMBED, HEAD, MLP, QK, V, BlockDims, Dims, Masks, Slice
-from .vit import ViTFamily, _is_layernorm, data_config
+from .vit import ViTFamily, data_config
 
 
 class EvaFamily(ViTFamily):
@@ -38,70 +38,50 @@ class EvaFamily(ViTFamily):
         self.qk_width = 2 if self.rotary else 1
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
+    def timm_class(cls) -> type:
         from timm.models.eva import Eva
 
-        if isinstance(model, NViT):
-            return model.config.family == cls.name
-        return isinstance(model, Eva)
+        return Eva
 
     # ---- guards -----------------------------------------------------------------------------------
     def problems(self) -> list[str]:
-        m = self.model
-        if self.is_nvit:
-            return super().problems()
+        from timm.layers.pos_embed_sincos import RotaryEmbeddingCat
+
+        m, bad = self.model, super().problems()
+        if not self.is_nvit and self.rotary and (type(m.rope) is not RotaryEmbeddingCat or getattr(m, "rope_mixed", False)):
+            bad.append(f"rope: {type(m.rope).__name__} (only RotaryEmbeddingCat, interleaved pairs)")
+        return bad
+
+    def block_problems(self, p: str, blk: nn.Module) -> list[str]:
         from timm.layers import GluMlp
         from timm.layers import Mlp as TimmMlp
-        from timm.layers.pos_embed_sincos import RotaryEmbeddingCat
         from timm.models.eva import EvaAttention, EvaBlock
 
+        if type(blk) is not EvaBlock:
+            return [f"{p}: {type(blk).__name__} (only EvaBlock, pre-norm)"]
         bad = []
-        if self.rotary and (type(m.rope) is not RotaryEmbeddingCat or getattr(m, "rope_mixed", False)):
-            bad.append(f"rope: {type(m.rope).__name__} (only RotaryEmbeddingCat, interleaved pairs)")
-        if m.global_pool not in ("token", "avg"):
-            bad.append(f"global_pool={m.global_pool!r} (supported: 'token', 'avg')")
-        if getattr(m, "attn_pool", None) is not None:
-            bad.append("attn_pool (MAP pooling head)")
-        if getattr(m, "dynamic_img_size", False):
-            bad.append("dynamic_img_size")
-        if m.pos_embed is None:
-            bad.append("pos_embed=None")
-        if not isinstance(m.patch_embed.proj, nn.Conv2d) or not isinstance(m.patch_embed.norm, nn.Identity):
-            bad.append("patch_embed (only a plain Conv2d projection is supported)")
-        for i, blk in enumerate(m.blocks):
-            p = f"blocks.{i}"
-            if type(blk) is not EvaBlock:
-                bad.append(f"{p}: {type(blk).__name__} (only EvaBlock, pre-norm)")
-                continue
-            a = blk.attn
-            if type(a) is not EvaAttention or getattr(a, "qkv", None) is None:
-                bad.append(f"{p}.attn: {type(a).__name__} (only EvaAttention with a fused qkv)")
-            else:
-                if not isinstance(a.norm, nn.Identity):
-                    bad.append(f"{p}.attn.norm: {type(a.norm).__name__} (scale_attn_inner: a norm over all heads' "
-                               "outputs is changed by removing any V dim)")
-                if not isinstance(a.q_norm, nn.Identity) or getattr(a, "gate", None) is not None:
-                    bad.append(f"{p}.attn: q/k norm or gated attention")
-                if getattr(a, "rotate_half", False):
-                    bad.append(f"{p}.attn: rotate-half rotary embedding (only interleaved pairs)")
-                if a.q_bias is not None and a.qkv.bias is not None:
-                    bad.append(f"{p}.attn: qkv bias and q/v biases together")
-            mlp = blk.mlp
-            if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
-                bad.append(f"{p}.mlp.norm: {type(mlp.norm).__name__} (scale_mlp: a norm over the MLP hidden is "
-                           "changed by removing any channel)")
-            elif type(mlp) is GluMlp:
-                if mlp.gate_last or not isinstance(mlp.act, nn.SiLU) or not isinstance(mlp.norm, nn.Identity):
-                    bad.append(f"{p}.mlp: GluMlp must gate first with SiLU and no norm (scale_mlp is not supported)")
-            elif type(mlp) is not TimmMlp or not isinstance(mlp.norm, nn.Identity) or not isinstance(mlp.act, nn.GELU):
-                bad.append(f"{p}.mlp: {type(mlp).__name__} (only GluMlp with SiLU, or Mlp with GELU; no norm)")
-            for n in ("norm1", "norm2"):
-                if not _is_layernorm(getattr(blk, n)):
-                    bad.append(f"{p}.{n}: {type(getattr(blk, n)).__name__} (only LayerNorm)")
-        for n in ("norm_pre", "norm", "fc_norm"):
-            mod = getattr(m, n, nn.Identity())
-            if not isinstance(mod, nn.Identity) and not _is_layernorm(mod):
-                bad.append(f"{n}: {type(mod).__name__} (only LayerNorm)")
+        a = blk.attn
+        if type(a) is not EvaAttention or getattr(a, "qkv", None) is None:
+            bad.append(f"{p}.attn: {type(a).__name__} (only EvaAttention with a fused qkv)")
+        else:
+            if not isinstance(a.norm, nn.Identity):
+                bad.append(f"{p}.attn.norm: {type(a.norm).__name__} (scale_attn_inner: a norm over all heads' "
+                           "outputs is changed by removing any V dim)")
+            if not isinstance(a.q_norm, nn.Identity) or getattr(a, "gate", None) is not None:
+                bad.append(f"{p}.attn: q/k norm or gated attention")
+            if getattr(a, "rotate_half", False):
+                bad.append(f"{p}.attn: rotate-half rotary embedding (only interleaved pairs)")
+            if a.q_bias is not None and a.qkv.bias is not None:
+                bad.append(f"{p}.attn: qkv bias and q/v biases together")
+        mlp = blk.mlp
+        if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+            bad.append(f"{p}.mlp.norm: {type(mlp.norm).__name__} (scale_mlp: a norm over the MLP hidden is "
+                       "changed by removing any channel)")
+        elif type(mlp) is GluMlp:
+            if mlp.gate_last or not isinstance(mlp.act, nn.SiLU):
+                bad.append(f"{p}.mlp: GluMlp must gate first with SiLU")
+        elif type(mlp) is not TimmMlp or not isinstance(mlp.act, nn.GELU):
+            bad.append(f"{p}.mlp: {type(mlp).__name__} (only GluMlp with SiLU, or Mlp with GELU; no norm)")
         return bad
 
     def qk_prunable(self) -> bool:

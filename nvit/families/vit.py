@@ -73,12 +73,16 @@ class ViTFamily(Family):
         self.is_nvit = isinstance(model, NViT)
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
+    def timm_class(cls) -> type:
         from timm.models.vision_transformer import VisionTransformer
 
+        return VisionTransformer
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
         if isinstance(model, NViT):
             return model.config.family == cls.name
-        return isinstance(model, VisionTransformer)
+        return isinstance(model, cls.timm_class())
 
     # ---- guards -----------------------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -86,10 +90,6 @@ class ViTFamily(Family):
         if self.is_nvit:
             gone = [i for i, b in enumerate(m.blocks) if not (b.has_attn and b.has_mlp)]
             return [f"blocks {gone} lost a whole branch (re-pruning such an NViT model is not supported yet)"] if gone else []
-        from timm.layers import Mlp as TimmMlp
-        from timm.layers.attention import Attention as TimmAttention
-        from timm.models.vision_transformer import Block as TimmBlock
-
         bad = []
         if getattr(m, "attn_pool", None) is not None:
             bad.append("attn_pool (MAP pooling head, global_pool='map')")
@@ -102,24 +102,33 @@ class ViTFamily(Family):
         if not isinstance(m.patch_embed.proj, nn.Conv2d) or not isinstance(m.patch_embed.norm, nn.Identity):
             bad.append("patch_embed (only a plain Conv2d projection is supported)")
         for i, blk in enumerate(m.blocks):
-            if type(blk) is not TimmBlock:
-                bad.append(f"blocks.{i}: {type(blk).__name__} (only timm's Block)")
-                continue
-            if type(blk.attn) is not TimmAttention:
-                bad.append(f"blocks.{i}.attn: {type(blk.attn).__name__} (only timm's Attention)")
-            elif not isinstance(getattr(blk.attn, "norm", nn.Identity()), nn.Identity) or getattr(blk.attn, "gate", None) is not None:
-                bad.append(f"blocks.{i}.attn: scale_norm/gated attention")
-            if type(blk.mlp) is not TimmMlp or not isinstance(blk.mlp.norm, nn.Identity):
-                bad.append(f"blocks.{i}.mlp: {type(blk.mlp).__name__} (only timm's Mlp without norm)")
-            elif not isinstance(blk.mlp.act, nn.GELU):
-                bad.append(f"blocks.{i}.mlp.act: {type(blk.mlp.act).__name__} (only GELU)")
+            bad += self.block_problems(f"blocks.{i}", blk)
             for n in ("norm1", "norm2"):
-                if not _is_layernorm(getattr(blk, n)):
+                if hasattr(blk, n) and not _is_layernorm(getattr(blk, n)):
                     bad.append(f"blocks.{i}.{n}: {type(getattr(blk, n)).__name__} (only LayerNorm)")
         for n in ("norm_pre", "norm", "fc_norm"):
-            mod = getattr(m, n)
+            mod = getattr(m, n, nn.Identity())
             if not isinstance(mod, nn.Identity) and not _is_layernorm(mod):
                 bad.append(f"{n}: {type(mod).__name__} (only LayerNorm)")
+        return bad
+
+    def block_problems(self, p: str, blk: nn.Module) -> list[str]:
+        """What this family cannot prune exactly in one block of a timm model."""
+        from timm.layers import Mlp as TimmMlp
+        from timm.layers.attention import Attention as TimmAttention
+        from timm.models.vision_transformer import Block as TimmBlock
+
+        if type(blk) is not TimmBlock:
+            return [f"{p}: {type(blk).__name__} (only timm's Block)"]
+        bad = []
+        if type(blk.attn) is not TimmAttention:
+            bad.append(f"{p}.attn: {type(blk.attn).__name__} (only timm's Attention)")
+        elif not isinstance(getattr(blk.attn, "norm", nn.Identity()), nn.Identity) or getattr(blk.attn, "gate", None) is not None:
+            bad.append(f"{p}.attn: scale_norm/gated attention")
+        if type(blk.mlp) is not TimmMlp or not isinstance(blk.mlp.norm, nn.Identity):
+            bad.append(f"{p}.mlp: {type(blk.mlp).__name__} (only timm's Mlp without norm)")
+        elif not isinstance(blk.mlp.act, nn.GELU):
+            bad.append(f"{p}.mlp.act: {type(blk.mlp.act).__name__} (only GELU)")
         return bad
 
     def qk_prunable(self) -> bool:
