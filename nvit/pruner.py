@@ -117,7 +117,8 @@ class Pruner:
         self.adapter = Adapter(model, family(model) if family is not None else None)
         self.masks = self.adapter.full_masks()
         self.adapter.install_norms(self.masks)
-        pairs, self.units = self.adapter.saliency_maps(granularity, branches=self.branches)
+        self._unit_ids = self.adapter.units(granularity, branches=self.branches)
+        pairs, self.units = self.adapter.saliency_maps(granularity, units=self._unit_ids)
         self.params = [p for p, _ in pairs]
         self.device = self.params[0].device
         self.plan = SaliencyPlan.build([t for _, t in pairs], self.units.num_units, device=self.device)
@@ -269,27 +270,14 @@ class Pruner:
         self.adapter.apply_masks(self.masks, self._pm)
 
     def unit_alive(self) -> torch.Tensor:
-        U, M = self.units, self.masks
-        alive = torch.zeros(U.num_units, dtype=torch.bool)
-        kind, block, head, index = U.kind, U.block, U.head, U.index
-        e = kind == EMBED
-        alive[e] = M.embed[index[e]]
-        for k, on in ((ATTN_BRANCH, M.attn_on), (MLP_BRANCH, M.mlp_on)):
-            sel = kind == k
-            alive[sel] = on[block[sel]]
-        for b in range(len(M.heads)):
-            sel = block == b
-            hs = sel & (kind == HEAD)
-            alive[hs] = M.heads[b][index[hs]]
-            ms = sel & (kind == MLP)
-            alive[ms] = M.mlp[b][index[ms]]
-            for k, mm in ((QK, M.qk[b]), (V, M.v[b])):
-                ks = sel & (kind == k)
-                live = mm & M.heads[b][:, None]
-                if self.granularity == "aligned":
-                    alive[ks] = live.any(0)[index[ks]]
-                else:
-                    alive[ks] = live[head[ks], index[ks]]
+        """Whether each unit is still in the model (an aligned QK/V unit: in any alive head)."""
+        alive = torch.zeros(self.units.num_units, dtype=torch.bool)
+        for (kind, block), ids in self._unit_ids.tables.items():
+            live = self.masks.table(kind, block)
+            if self.granularity == "aligned" and kind in (QK, V):  # one row of ids shared by every head
+                ids, live = ids[:1], live.any(0, keepdim=True)
+            ok = ids >= 0
+            alive[ids[ok]] = live[ok]
         return alive
 
     def _remove(self, u: int) -> None:

@@ -79,6 +79,10 @@ class Slice:
         self.head = torch.full_like(self.index, -1) if self.head is None else self.head.long()
         if self.head.shape != self.index.shape:
             raise ValueError(f"nvit: slice of {self.param}: head and index differ in length")
+        # Where the owned positions sit in the (kind, block) tables of Units and Masks: row, column.
+        self.owned = self.index >= 0
+        rows = self.head.clamp_min(0) if self.kind in (QK, V) else torch.zeros_like(self.index)
+        self.table_at = (rows[self.owned], self.index[self.owned])
 
 
 def positions(n: int, index: torch.Tensor | int, head: torch.Tensor | int = -1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,10 +173,8 @@ class Units:
         t = self.tables.get((s.kind, s.block))
         if t is None:
             return None
-        owned = s.index >= 0
-        row = s.head.clamp_min(0) if s.kind in (QK, V) else torch.zeros_like(s.index)
         out = torch.full_like(s.index, -1)
-        out[owned] = t[row[owned], s.index[owned]]
+        out[s.owned] = t[s.table_at]
         return out
 
 
@@ -233,13 +235,18 @@ class Masks:
             return self.mlp[block][None]
         return (self.attn_on if kind == ATTN_BRANCH else self.mlp_on)[block].reshape(1, 1)
 
-    def alive(self, s: Slice) -> torch.Tensor:
-        """Per position of a slice: kept (positions the slice does not own count as kept)."""
-        t = self.table(s.kind, s.block)
-        owned = s.index >= 0
-        row = s.head.clamp_min(0) if s.kind in (QK, V) else torch.zeros_like(s.index)
+    def alive(self, s: Slice, tables: dict | None = None) -> torch.Tensor:
+        """Per position of a slice: kept (positions the slice does not own count as kept). `tables`
+        caches the (kind, block) tables across the slices of one pass."""
+        key = (s.kind, s.block)
+        if tables is None or key not in tables:
+            t = self.table(*key)
+            if tables is not None:
+                tables[key] = t
+        else:
+            t = tables[key]
         out = torch.ones_like(s.index, dtype=torch.bool)
-        out[owned] = t[row[owned], s.index[owned]]
+        out[s.owned] = t[s.table_at]
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -385,13 +392,13 @@ def keep_masks(by_param: dict[str, list[Slice]], params: dict[str, torch.Tensor]
                ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
     """(parameter, row keep mask or None, last-axis keep mask or None): a position is kept when every
     structure owning it is."""
-    out = []
+    out, tables = [], {}
     for name, ss in by_param.items():
         p = params[name]
         keep = {0: None, -1: None}
         for s in ss:
             ax = 0 if p.dim() <= 1 else s.axis
-            a = masks.alive(s)
+            a = masks.alive(s, tables)
             keep[ax] = a if keep[ax] is None else keep[ax] & a
         out.append((p, keep[0], keep[-1]))
     return out

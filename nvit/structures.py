@@ -60,10 +60,14 @@ class Adapter:
         self.qk_prunable = self.family.qk_prunable()
         self.qk_width = self.family.qk_width
 
-    def saliency_maps(self, granularity: str, branches: bool = False):
-        """(list of (parameter, TensorMap), UnitIndex) in the given granularity (with a unit per
-        whole attention / MLP branch when `branches`)."""
-        units = Units(self.dims, granularity, branches)
+    def units(self, granularity: str, branches: bool = False) -> Units:
+        """The unit ids of this model's structures in the given granularity (with a unit per whole
+        attention / MLP branch when `branches`)."""
+        return Units(self.dims, granularity, branches)
+
+    def saliency_maps(self, granularity: str, branches: bool = False, units: Units | None = None):
+        """(list of (parameter, TensorMap), UnitIndex) in the given granularity."""
+        units = units or self.units(granularity, branches)
         return saliency_maps(self.slices, self.params, units), units.index
 
     def scales(self) -> list[list[float]]:
