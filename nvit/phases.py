@@ -163,8 +163,8 @@ class Run:
         return value
 
     # ---- checkpoints -------------------------------------------------------------------------------
-    def checkpoint(self, phase: str, it: int, raw, opt, sched=None, pruner=None) -> None:
-        state = {"schema": SCHEMA_VERSION, "phase": phase, "iteration": it, "world_size": self.p.world,
+    def checkpoint(self, phase: str, it: int, raw, opt, sched=None, pruner=None, **more) -> None:
+        state = {**more,"schema": SCHEMA_VERSION, "phase": phase, "iteration": it, "world_size": self.p.world,
                  "model": raw.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": None if sched is None else sched.state_dict(),
                  "scaler": self.precision.state_dict(),
@@ -211,7 +211,8 @@ class Run:
             table = self.p.broadcast_object(table)
             self.timings["latency_table_s"] = round(time.time() - t0, 2)
         try:
-            return Pruner(model, Target(s["target_metric"], float(s["target"])), granularity=s["granularity"],
+            # The guards are checked against the last (smallest) target; the phase moves the target down.
+            return Pruner(model, Target(s["target_metric"], s["target"][-1]), granularity=s["granularity"],
                           normalize=s["normalize"], eta=s["eta"], latency_table=table,
                           group_size={"embed": s["group_embed"], "head": s["group_heads"], "qk": s["group_qk"],
                                       "v": s["group_v"], "mlp": s["group_mlp"]},
@@ -221,7 +222,7 @@ class Run:
             raise RunError(str(e)) from None
 
     def prune_phase(self, ck: dict | None):
-        from .pruner import TargetUnreachableError
+        from .pruner import Target, TargetUnreachableError
 
         s = self.s
         raw = copy.deepcopy(self.dense).train()
@@ -233,6 +234,11 @@ class Run:
         n_units = s["prune_units"] or self._auto_units(pruner, planned)  # from the dense model, also on resume
         self.n_units = n_units
         start = self.restore(ck, "prune", raw, opt, pruner=pruner)
+        # Several targets: the pruner aims at each in turn; reaching one that is not the last saves a
+        # snapshot (the converted model at that moment) to fine-tune after the phase.
+        targets = s["target"]
+        reached = ck.get("targets_reached", 0) if ck is not None and ck["phase"] == "prune" else 0
+        pruner.target = Target(s["target_metric"], targets[reached])
         model = engine.wrap_ddp(raw, self.p)
         t0 = time.time() - self.timings.get("prune_s", 0.0)
         it, skipped = start, 0
@@ -267,9 +273,13 @@ class Run:
                 kinds = ", ".join(f"{k} {v}" for k, v in info.removed.items() if v)
                 self.log(f"prune step {info.step} @ it {it}: removed {kinds or 'nothing'}; "
                          f"{s['target_metric']} {info.fraction:.3f} of dense; loss {loss_avg:.4f}")
+                if pruner.done and reached < len(targets) - 1:
+                    self.save_snapshot(targets[reached], pruner, it)
+                    reached += 1
+                    pruner.target = Target(s["target_metric"], targets[reached])
             if pruned_now or it % s["checkpoint_every"] == 0:
                 self.timings["prune_s"] = round(time.time() - t0, 2)
-                self.checkpoint("prune", it, raw, opt, pruner=pruner)
+                self.checkpoint("prune", it, raw, opt, pruner=pruner, targets_reached=reached)
                 self.maybe_stop(it)
         bar.close()
         self.timings["prune_s"] = round(time.time() - t0, 2)
@@ -280,11 +290,23 @@ class Run:
             set_distilled_training(raw, False)
         return raw, pruner
 
+    def save_snapshot(self, target: float, pruner, it: int) -> None:
+        """The model as the pruner has it now, converted (exact), with its masks and history: one of
+        the run's models, fine-tuned after the pruning phase."""
+        nv = pruner.convert({"source": self.provenance})
+        top1 = self.evaluate(nv)
+        self.log(f"target {target:g} reached at iteration {it}: snapshot (top-1 {top1:.2f}% before fine-tuning)")
+        snap = {"target": target, "nvit_config": nv.config.to_dict(), "model": nv.state_dict(),
+                "pruning": {"masks": pruner.masks.state_dict(), "history": list(pruner.history),
+                            "dense_config": pruner.dense_config.to_dict(), "masked_top1": top1}}
+        engine.save_checkpoint(snap, snapshot_path(self.out, target), self.p)
+
     # ---- phase 1, one-shot: prune the trained model as it is ----------------------------------------
     def one_shot_phase(self):
         """No weight updates: the saliency of --calibration-batches batches ranks the units, the target is
-        approached in --one-shot-steps steps (the metric falls geometrically) and the saliency is
-        estimated afresh after every step (no EMA: the pruned model's own gradients)."""
+        approached in --one-shot-steps steps (the metric falls geometrically; each earlier target is a
+        step too, and leaves a snapshot) and the saliency is estimated afresh after every step (no EMA:
+        the pruned model's own gradients)."""
         from .pruner import Target, TargetUnreachableError
 
         s = self.s
@@ -292,12 +314,15 @@ class Run:
         pruner = self.make_pruner(raw)
         pruner.ema_momentum = 0.0  # each step ranks by the current model's saliency alone
         final = pruner.target
+        earlier = list(s["target"][:-1])
+        geometric = [final.fraction ** (k / s["one_shot_steps"]) for k in range(1, s["one_shot_steps"] + 1)]
+        schedule = sorted(set(geometric) | set(earlier), reverse=True)
         model = engine.wrap_ddp(raw, self.p)  # gradients averaged over ranks, as in training
         t0 = time.time()
         data = self.batches("prune", 0)
-        steps, n = s["one_shot_steps"], s["calibration_batches"]
-        bar = self.bar(steps * n, 0, "one-shot")
-        for k in range(1, steps + 1):
+        n = s["calibration_batches"]
+        bar = self.bar(len(schedule) * n, 0, "one-shot")
+        for k, fraction in enumerate(schedule, 1):
             for i in range(n):
                 x, y = next(data)
                 loss = self.loss(model, x, y)
@@ -305,15 +330,18 @@ class Run:
                 loss.backward()  # no optimizer, no scaler: gradients only for the saliency
                 pruner.accumulate()
                 bar.update(1)
-            pruner.target = Target(final.metric, final.fraction ** (k / steps))
+            pruner.target = Target(final.metric, fraction)
             try:
                 info = pruner.prune_step(pruner.units.num_units)
             except TargetUnreachableError as e:
                 raise RunError(str(e)) from None
             engine.check_agreement("prune masks", pruner.masks.state_dict(), self.p)
             kinds = ", ".join(f"{kk} {v}" for kk, v in info.removed.items() if v)
-            self.log(f"one-shot step {k}/{steps}: removed {kinds or 'nothing'}; {final.metric} "
+            self.log(f"one-shot step {k}/{len(schedule)}: removed {kinds or 'nothing'}; {final.metric} "
                      f"{info.fraction:.3f} of dense")
+            if fraction in earlier:
+                raw.zero_grad(set_to_none=True)
+                self.save_snapshot(fraction, pruner, 0)
         bar.close()
         pruner.target = final
         raw.zero_grad(set_to_none=True)
@@ -325,11 +353,34 @@ class Run:
         """N so that removing N units per step would meet the target two thirds into the phase:
         the alive units times the fraction still to remove, over the steps available."""
         steps = max(1, int(planned * 2 / 3) // self.s["prune_every"])
-        to_remove = int(pruner.unit_alive().sum()) * (1.0 - float(self.s["target"]))
+        to_remove = int(pruner.unit_alive().sum()) * (1.0 - self.s["target"][-1])
         return max(1, math.ceil(to_remove / steps))
 
-    # ---- phase 3: fine-tune the converted model ----------------------------------------------------
-    def finetune_phase(self, nv, ck: dict | None):
+    # ---- phase 3: fine-tune the converted model(s) -------------------------------------------------
+    def finetune_model(self, target: float, ck: dict | None) -> dict:
+        """The model of one target, fine-tuned (or read back, if an earlier attempt of this run finished
+        it): {"target", "model", "pruning", "top1"}."""
+        from .model import NViT, NViTConfig
+
+        done = finished_path(self.out, target)
+        if done.exists():
+            d = torch.load(done, map_location="cpu", weights_only=True)
+        else:
+            snap = torch.load(snapshot_path(self.out, target), map_location="cpu", weights_only=True)
+            cfg = ck["nvit_config"] if ck is not None else snap["nvit_config"]
+            nv = NViT(NViTConfig.from_dict(cfg))
+            nv.load_state_dict(snap["model"])
+            nv = self.finetune_phase(nv.to(self.device), ck, target=target)
+            top1 = self.evaluate(nv, progress=True)
+            self.log(f"fine-tuned NViT model (target {target:g}): top-1 {top1:.2f}%")
+            d = {"target": target, "nvit_config": nv.config.to_dict(), "model": nv.state_dict(),
+                 "pruning": snap["pruning"], "top1": top1}
+            engine.save_checkpoint(d, done, self.p)
+        nv = NViT(NViTConfig.from_dict(d["nvit_config"]))
+        nv.load_state_dict(d["model"])
+        return {"target": target, "model": nv.to(self.device).eval(), "pruning": d["pruning"], "top1": d["top1"]}
+
+    def finetune_phase(self, nv, ck: dict | None, target: float | None = None):
         from .training import lr_lambda
 
         s = self.s
@@ -356,7 +407,7 @@ class Run:
             bar.set_postfix(loss=f"{loss_avg:.3f}")
             if (it + 1) % s["checkpoint_every"] == 0 and it + 1 < total:
                 self.timings["finetune_s"] = round(time.time() - t0, 2)
-                self.checkpoint("finetune", it + 1, nv, opt, sched)
+                self.checkpoint("finetune", it + 1, nv, opt, sched, target=target)
                 self.maybe_stop(prune_its + it + 1)
         bar.close()
         self.timings["finetune_s"] = round(time.time() - t0, 2)
@@ -366,6 +417,16 @@ class Run:
         if self.separate_heads:
             set_distilled_training(nv, False)
         return nv.eval()
+
+
+def snapshot_path(out: Path, target: float) -> Path:
+    """A target's pruned, converted model before fine-tuning (resume state, removed when the run ends)."""
+    return out / "snapshots" / f"target_{target:g}.pt"
+
+
+def finished_path(out: Path, target: float) -> Path:
+    """A target's fine-tuned model (resume state, removed when the run ends)."""
+    return out / "snapshots" / f"finetuned_{target:g}.pt"
 
 
 def check_prunable(model: torch.nn.Module) -> None:

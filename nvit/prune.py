@@ -92,6 +92,7 @@ def run(s: dict, p: engine.Processes | None = None) -> dict | None:
         saved = json.loads((out / "run.json").read_text())
         keep = {key: s[key] for key in settings.RESUME_OVERRIDES}
         s = {**settings.DEFAULTS, **saved["settings"], **keep}
+        s["target"] = settings.fraction_list(s["target"])  # a list in run.json (a number before several targets)
         if saved.get("world_size", 1) != p.world:
             raise RunError(f"--resume {out}: the run started with {saved.get('world_size', 1)} process(es) and "
                            f"this one has {p.world}; resume with the same world size (the same --nproc-per-node "
@@ -114,28 +115,26 @@ def run(s: dict, p: engine.Processes | None = None) -> dict | None:
     dense_top1 = r.evaluate(r.dense, progress=True)
     r.log(f"dense model: top-1 {dense_top1:.2f}% on {len(r.test_set)} test images")
 
-    from .model import NViT, NViTConfig
+    from .phases import snapshot_path
 
+    targets = s["target"]
     if ck is None or ck["phase"] == "prune":
         masked, pruner = r.one_shot_phase() if s["one_shot"] else r.prune_phase(ck)
         masked.eval()
         masked_top1 = r.evaluate(masked)
         nv = pruner.convert({"source": r.provenance})
-        nv.to(r.device)
         r.log(f"pruned (masked) top-1 {masked_top1:.2f}%; converted to NViT")
         pruning = {"masks": pruner.masks.state_dict(), "history": pruner.history,
                    "dense_config": pruner.dense_config.to_dict(), "masked_top1": masked_top1}
         r.timings["prune_phase_top1"] = masked_top1
-        engine.save_checkpoint(pruning, out / "pruning.pt", p)
-        ck_ft = None
-    else:
-        pruning = torch.load(out / "pruning.pt", map_location="cpu", weights_only=True)
-        nv = NViT(NViTConfig.from_dict(ck["nvit_config"])).to(r.device)
-        ck_ft = ck
-    nv = r.finetune_phase(nv, ck_ft)
-    top1 = r.evaluate(nv, progress=True)
-    r.log(f"fine-tuned NViT model: top-1 {top1:.2f}%")
-    return finish(r, nv, pruning, dense_top1=dense_top1, top1=top1, t_start=t_start, kernels=kernels(r.device))
+        # The last target's model joins the snapshots of the earlier ones: every model is fine-tuned from
+        # a file, so a run resumed in any model's fine-tuning finds all of them.
+        engine.save_checkpoint({"target": targets[-1], "nvit_config": nv.config.to_dict(), "model": nv.state_dict(),
+                                "pruning": pruning}, snapshot_path(out, targets[-1]), p)
+        ck = None
+    models = [r.finetune_model(t, ck if ck is not None and ck.get("target", targets[-1]) == t else None)
+              for t in targets]
+    return finish(r, models, dense_top1=dense_top1, t_start=t_start, kernels=kernels(r.device))
 
 
 def main(argv: list[str] | None = None) -> int:

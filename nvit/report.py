@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -13,8 +14,11 @@ from .io import atomic_write, atomic_write_json
 from .model import NViTConfig
 
 
-def finish(r, nv, pruning: dict, *, dense_top1: float, top1: float, t_start: float, kernels: dict) -> dict | None:
-    """Measure latency, write the outputs and print the summary (rank 0); returns the report there."""
+def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels: dict) -> dict | None:
+    """Measure latency, write the outputs and print the summary (rank 0); returns the report there.
+
+    models: one per target, in target order ({"target", "model", "pruning", "top1"}); the last is the
+    run's main result ("pruned"). One model is saved to model/, several to model_<target>/."""
     from . import io as nvio
     from .cost import count_flops, count_params
     from .inputs import input_shape
@@ -24,50 +28,66 @@ def finish(r, nv, pruning: dict, *, dense_top1: float, top1: float, t_start: flo
     if not r.p.main:
         r.p.barrier()  # rank 0 measures and writes
         return None
-    dense_cfg = NViTConfig.from_dict(pruning["dense_config"])
+    dense_cfg = NViTConfig.from_dict(models[-1]["pruning"]["dense_config"])
     shape = input_shape(r.dense)
-    lat = {"dense": math.inf, "pruned": math.inf}
+    nets = [("dense", r.dense)] + [(m["target"], m["model"]) for m in models]
+    lat = {name: math.inf for name, _ in nets}
     with r.precision.autocast():  # latency in the precision of the run
         for _ in range(3):  # interleaved rounds, best median of each: fair under background load
-            for name, m in (("dense", r.dense), ("pruned", nv)):
+            for name, m in nets:
                 lat[name] = min(lat[name], measure_model_latency(m, shape, batch_size=s["latency_batch"],
                                                                  device=dev, warmup=2, repeats=5))
-    cfg = nv.config
-    cost = {"dense": (count_params(dense_cfg), count_flops(dense_cfg)), "pruned": (count_params(cfg), count_flops(cfg))}
+    dense = {"params": count_params(dense_cfg), "flops": count_flops(dense_cfg), "latency_s": lat["dense"],
+             "top1": dense_top1}
+    several = len(models) > 1
+    entries = []
+    for m in models:
+        cfg, t = m["model"].config, m["target"]
+        folder = out / (f"model_{t:g}" if several else "model")
+        entries.append({
+            "target": t, "params": count_params(cfg), "flops": count_flops(cfg), "latency_s": lat[t],
+            "top1": m["top1"], "top1_before_finetune": m["pruning"]["masked_top1"], "folder": folder.name,
+            "ratios": {"params": dense["params"] / count_params(cfg), "flops": dense["flops"] / count_flops(cfg),
+                       "speedup": lat["dense"] / lat[t]},
+            "architecture": {"embed_dim": cfg.embed_dim, "dense_embed_dim": dense_cfg.embed_dim,
+                             "blocks": [dataclasses.asdict(b) for b in cfg.blocks]},
+            "prune_steps": m["pruning"]["history"]})
+        record_preprocessing(m["model"], r.data_desc)
+        nvio.save(m["model"], folder, overwrite=True)
+    main = entries[-1]
     dev_desc = (f"{dev.type}: {device_name(dev)}, {torch.get_num_threads()} threads" if dev.type == "cpu"
                 else device_name(dev))
     report = {
-        "schema": 2,
+        "schema": 3,
         "model": r.provenance, "teacher": r.teacher_desc, "data": r.data_desc,
-        "dense": {"params": cost["dense"][0], "flops": cost["dense"][1], "latency_s": lat["dense"], "top1": dense_top1},
-        "pruned": {"params": cost["pruned"][0], "flops": cost["pruned"][1], "latency_s": lat["pruned"],
-                   "top1": top1, "top1_before_finetune": pruning["masked_top1"]},
+        "dense": dense,
+        "pruned": {k: main[k] for k in ("params", "flops", "latency_s", "top1", "top1_before_finetune")},
+        "models": [{k: v for k, v in e.items() if k != "prune_steps"} for e in entries],
         "latency": {"batch_size": s["latency_batch"], "device": dev_desc, "dtype": str(r.precision.tensor_dtype)
                     .removeprefix("torch."), "statistic": "median"},
         "precision": {"amp": s["amp"], "master_weights": "float32"},
         "processes": {"world_size": r.p.world, "backend": ("nccl" if dev.type == "cuda" else "gloo")
                       if r.p.distributed else None, "workers_per_rank": r.workers,
                       "global_batch": s["batch_size"]},
-        "ratios": {"params": cost["dense"][0] / cost["pruned"][0], "flops": cost["dense"][1] / cost["pruned"][1],
-                   "speedup": lat["dense"] / lat["pruned"]},
-        "architecture": {"embed_dim": cfg.embed_dim, "dense_embed_dim": dense_cfg.embed_dim,
-                         "blocks": [dataclasses.asdict(b) for b in cfg.blocks]},
-        "prune_steps": pruning["history"], "units_per_step": getattr(r, "n_units", None),
+        "ratios": main["ratios"],
+        "architecture": main["architecture"],
+        "prune_steps": main["prune_steps"], "units_per_step": getattr(r, "n_units", None),
         "settings": s,
         "timings": {**r.timings, "total_s": round(time.time() - t_start, 2)},
         "kernels": kernels,
     }
-    record_preprocessing(nv, r.data_desc)
-    nvio.save(nv, out / "model", overwrite=True)
     from safetensors.torch import save_file
 
-    masks = pruning["masks"]
-    atomic_write(out / "masks.safetensors", lambda tmp: save_file({k: v.to(torch.uint8) for k, v in masks.items()}, tmp))
-    plot_dims(dense_cfg, cfg, out / "dims.png", title=f"NViT ({s['granularity']}) — {s['target_metric']} "
-                                                     f"target {s['target']}")
+    for m, e in zip(models, entries):
+        masks = m["pruning"]["masks"]
+        name = f"masks_{m['target']:g}.safetensors" if several else "masks.safetensors"
+        atomic_write(out / name, lambda tmp, masks=masks: save_file({k: v.to(torch.uint8) for k, v in masks.items()}, tmp))
+    plot_dims(dense_cfg, [(f"target {m['target']:g}", m["model"].config) for m in models], out / "dims.png",
+              title=f"NViT ({s['granularity']}) — {s['target_metric']} target {', '.join(f'{t:g}' for t in s['target'])}")
     atomic_write_json(out / "report.json", report)
     for f in ("checkpoint.pt", "pruning.pt"):  # resume state: the run is complete now
         (out / f).unlink(missing_ok=True)
+    shutil.rmtree(out / "snapshots", ignore_errors=True)
     print(summary_text(report, out))
     r.p.barrier()
     return report
@@ -87,10 +107,11 @@ def record_preprocessing(nv, data_desc: dict) -> None:
     nv.pretrained_cfg = nv.config.pretrained_cfg()
 
 
-def plot_dims(dense: NViTConfig, pruned: NViTConfig, path: Path, title: str = "") -> None:
-    """PNG of heads, QK dims, V dims and MLP width per block, dense vs pruned (like the paper's
-    redistribution figures). QK/V are summed over heads (per-head dims can differ); a removed
-    attention (MLP) branch is marked ✕ on its axes."""
+def plot_dims(dense: NViTConfig, pruned: list[tuple[str, NViTConfig]], path: Path, title: str = "") -> None:
+    """PNG of heads, QK dims, V dims and MLP width per block, dense (grey bars) vs each pruned model
+    (blue bars for one, a line per model for several), like the paper's redistribution figures.
+    QK/V are summed over heads (per-head dims can differ); a removed attention (MLP) branch is marked
+    ✕ on its axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,20 +119,27 @@ def plot_dims(dense: NViTConfig, pruned: NViTConfig, path: Path, title: str = ""
 
     rows = [("heads", lambda b: b.heads), ("QK dims (Σ heads)", lambda b: sum(b.qk_dims)),
             ("V dims (Σ heads)", lambda b: sum(b.v_dims)), ("MLP width", lambda b: b.mlp)]
-    x = list(range(len(pruned.blocks)))
+    x = list(range(len(dense.blocks)))
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
     for ax, (name, f) in zip(axes, rows):
         ax.bar(x, [f(b) for b in dense.blocks], color="#d9d9d9", label="dense")
-        ax.bar(x, [f(b) for b in pruned.blocks], color="#2b7bba", label="pruned")
+        for k, (label, cfg) in enumerate(pruned):
+            values = [f(b) for b in cfg.blocks]
+            if len(pruned) == 1:
+                ax.bar(x, values, color="#2b7bba", label="pruned")
+            else:
+                ax.plot(x, values, marker="o", ms=3, label=label)
         mlp_axis = name.startswith("MLP")
-        for i, b in enumerate(pruned.blocks):  # a whole branch removed: marked on its axes
-            if (b.has_mlp if mlp_axis else b.has_attn) is False:
-                ax.text(i, 0, "✕", ha="center", va="bottom", color="#c0392b", fontsize=12, fontweight="bold")
+        for label, cfg in pruned:
+            for i, b in enumerate(cfg.blocks):  # a whole branch removed: marked on its axes
+                if (b.has_mlp if mlp_axis else b.has_attn) is False:
+                    ax.text(i, 0, "✕", ha="center", va="bottom", color="#c0392b", fontsize=12, fontweight="bold")
         ax.set_title(name)
         ax.set_xlabel("block")
         ax.set_xticks(x)
     axes[0].legend(loc="lower left", fontsize=8)
-    fig.suptitle(f"{title}   embedding {pruned.embed_dim}/{dense.embed_dim}".strip())
+    embeds = ", ".join(str(cfg.embed_dim) for _, cfg in pruned)
+    fig.suptitle(f"{title}   embedding {embeds}/{dense.embed_dim}".strip())
     fig.tight_layout()
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
@@ -128,9 +156,11 @@ def summary_text(report: dict, out: Path) -> str:
         f"  {'':10s}{'params':>12s}{'GFLOPs':>10s}{'latency':>12s}{'top-1':>9s}",
         f"  {'dense':10s}{d['params'] / 1e6:>11.3f}M{d['flops'] / 1e9:>10.3f}{d['latency_s'] * 1e3:>10.2f}ms"
         f"{d['top1']:>8.2f}%",
-        f"  {'pruned':10s}{p['params'] / 1e6:>11.3f}M{p['flops'] / 1e9:>10.3f}{p['latency_s'] * 1e3:>10.2f}ms"
-        f"{p['top1']:>8.2f}%",
-        f"  {r['params']:.2f}× fewer params, {r['flops']:.2f}× fewer FLOPs, {r['speedup']:.2f}× faster "
+        *(f"  {_model_name(m, report):10s}{m['params'] / 1e6:>11.3f}M{m['flops'] / 1e9:>10.3f}"
+          f"{m['latency_s'] * 1e3:>10.2f}ms{m['top1']:>8.2f}%  ({m['top1_before_finetune']:.2f}% before fine-tuning)"
+          for m in report["models"]),
+        f"  {'smallest model: ' if len(report['models']) > 1 else ''}"
+        f"{r['params']:.2f}× fewer params, {r['flops']:.2f}× fewer FLOPs, {r['speedup']:.2f}× faster "
         f"(batch {lat['batch_size']}, {lat['dtype']}, {lat['device']})",
         f"  top-1 change {p['top1'] - d['top1']:+.2f} points (before fine-tuning {p['top1_before_finetune']:.2f}%)",
         "  per block (heads | QK per head | V per head | MLP):",
@@ -145,8 +175,13 @@ def summary_text(report: dict, out: Path) -> str:
                  f"took {report['timings'].get('total_s', 0):.0f} s")
     k = report["kernels"]
     lines.append(f"  kernels: saliency {k['saliency']}, attention {k['attention']} (extension {k['extension_state']})")
-    lines.append(f"  wrote {out}/report.json, {out}/model/ (nvit.load), {out}/dims.png")
+    folders = ", ".join(f"{out}/{m['folder']}/" for m in report["models"])
+    lines.append(f"  wrote {out}/report.json, {folders} (nvit.load), {out}/dims.png")
     return "\n".join(lines)
+
+
+def _model_name(m: dict, report: dict) -> str:
+    return "pruned" if len(report["models"]) == 1 else f"t={m['target']:g}"
 
 
 def _dims(ds: list[int]) -> str:

@@ -34,6 +34,20 @@ def open_fraction(v) -> str | None:
     return None if 0.0 < v < 1.0 else "must be a fraction in (0, 1)"
 
 
+def descending_fractions(v) -> str | None:
+    ok = all(0.0 < t < 1.0 for t in v) and all(a > b for a, b in zip(v, v[1:]))
+    return None if ok and v else "must be a fraction in (0, 1), or several in descending order"
+
+
+def fraction_list(text) -> tuple[float, ...]:
+    """"0.6,0.45,0.3" (or one number, or a YAML list) → (0.6, 0.45, 0.3)."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        return tuple(float(t) for t in items)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction or a comma-separated list, got {text!r}") from None
+
+
 def unit_interval(v) -> str | None:
     return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
 
@@ -85,7 +99,8 @@ FLAGS: tuple[Flag, ...] = (
     # target and ranking
     F("target_metric", "flops", "what --target is a fraction of", "target and ranking", str,
       ("latency", "flops", "params")),
-    F("target", 0.4, "fraction of the dense model's metric to reach", "target and ranking", float, check=open_fraction),
+    F("target", (0.4,), "fraction of the dense model's metric to reach; several, descending (0.6,0.45,0.3), give "
+      "one model per target from one pruning run", "target and ranking", fraction_list, check=descending_fractions),
     F("granularity", "aligned", "aligned (the paper: a block's heads share dims) or per-head", "target and ranking",
       str, ("aligned", "per-head")),
     F("eta", 0.0, "latency-aware term η (measures a latency table when > 0)", "target and ranking", float,
@@ -197,6 +212,7 @@ def resolve(argv: list[str] | None, prog: str = "python -m nvit.prune", descript
     for f in FLAGS:  # multi-value flags are tuples, from the command line or YAML lists alike
         if f.nargs and s[f.name] is not None:
             s[f.name] = tuple(f.type(v) for v in s[f.name])
+    s["target"] = fraction_list(s["target"])
     if s["round_to"] is not None:  # --round-to stands for group sizes: one knob, set here
         s.update(round_to_groups(s["round_to"]))
     check(s)
@@ -252,7 +268,7 @@ def check(s: dict) -> None:
             except TypeError:
                 why = "must be a number"
             if why:
-                raise RunError(f"{f.flag} {why}, got {v}")
+                raise RunError(f"{f.flag} {why}, got {_show(v).replace(' ', ',')}")
     if s["model"] and s["nvit_model"]:
         raise RunError("give either --model or --nvit-model, not both")
     for who, ck in (("model", "checkpoint"), ("teacher", "teacher_checkpoint"),

@@ -115,6 +115,43 @@ def test_resume_from_finetune_checkpoint(tiny_nvit, tmp_path):
     assert (part / "report.json").is_file()
 
 
+def test_several_targets_from_one_run_and_resume(tiny_nvit, tmp_path):
+    from nvit.datasets import load_embedded
+
+    common = ["--nvit-model", tiny_nvit, "--target", "0.7,0.5", *FAST]
+    full = tmp_path / "full"
+    assert _run([*common, "--out", full]) == 0
+    r = json.loads((full / "report.json").read_text())
+    assert [m["target"] for m in r["models"]] == [0.7, 0.5] and r["pruned"]["top1"] == r["models"][-1]["top1"]
+    test = load_embedded("test", limit=40)
+    for m in r["models"]:
+        assert m["flops"] <= m["target"] * r["dense"]["flops"] and m["folder"] == f"model_{m['target']:g}"
+        assert evaluate(nvit.load(full / m["folder"]), test) == pytest.approx(m["top1"])
+        assert (full / f"masks_{m['target']:g}.safetensors").is_file()
+    assert r["models"][0]["flops"] > r["models"][1]["flops"]
+    assert (full / "dims.png").is_file() and not (full / "snapshots").exists() and not (full / "model").exists()
+    # interrupted in the pruning phase, and in the first model's fine-tuning: the same models
+    its = r["timings"]["prune_iterations"]
+    for stop in (4, its + 4):
+        part = tmp_path / f"part{stop}"
+        assert _run([*common, "--out", part, "--stop-after", stop]) == 0
+        assert not (part / "report.json").exists()
+        ck = torch.load(part / "checkpoint.pt", weights_only=True)
+        assert (ck["phase"], ck.get("target")) == (("prune", None) if stop == 4 else ("finetune", 0.7))
+        assert _run(["--resume", part, "--no-progress"]) == 0
+        rp = json.loads((part / "report.json").read_text())
+        assert [m["architecture"] for m in rp["models"]] == [m["architecture"] for m in r["models"]]
+        assert [m["top1"] for m in rp["models"]] == [m["top1"] for m in r["models"]]
+
+
+def test_several_targets_one_shot(tiny_nvit, tmp_path):
+    out = tmp_path / "os"
+    assert _run(["--nvit-model", tiny_nvit, "--one-shot", "--target", "0.8,0.6,0.4", "--out", out, *FAST]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert [m["target"] for m in r["models"]] == [0.8, 0.6, 0.4]
+    assert all(m["flops"] <= m["target"] * r["dense"]["flops"] for m in r["models"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "no_such_vit_xyz", "--checkpoint", "x.pt"], "unknown timm model"),
     (["--model", "vit_tiny_patch16_224", "--checkpoint", "missing.safetensors"], "not found"),
@@ -157,7 +194,7 @@ def test_yaml_config_and_unknown_keys(tiny_nvit, tmp_path, capsys):
 
     cfg.write_text("target: 0.7\ngranularity: per-head\n")
     s = resolve_settings(["--config", str(cfg), "--granularity", "aligned"])
-    assert s["target"] == 0.7 and s["granularity"] == "aligned"  # flags override the file
+    assert s["target"] == (0.7,) and s["granularity"] == "aligned"  # flags override the file
 
 
 def test_module_entry_point_help():
