@@ -1,8 +1,11 @@
 """Measured block-latency lookup table for latency-aware pruning (NViT's Lat(W)).
 
-One NViT block's forward latency is measured on a 5-D grid — embedding width, heads, per-head QK
+One NViT block's forward latency is tabulated on a 5-D grid — embedding width, heads, per-head QK
 dim, per-head V dim, MLP width — for a fixed token count, batch size, dtype and device; between grid
-points it is interpolated multilinearly. A model's latency is the sum of its blocks' latencies: the
+points it is interpolated multilinearly. A pre-norm block runs its attention branch and then its MLP
+branch, so its latency is the sum of the two: each branch is measured on its own axes (attention:
+embedding × heads × QK × V; MLP: embedding × MLP) and the table holds the sums -- the paper's 5-point
+grid then takes 390 measurements instead of 1875, and a block without a branch is measured too. A model's latency is the sum of its blocks' latencies: the
 stem (patch embedding, tokens) and the head (final norm, classifier) are ignored, as in the paper
 (pruning does not change them except through the embedding width, and they are small).
 
@@ -34,7 +37,7 @@ from .model import BlockConfig, NViTBlock, NViTConfig
 __all__ = ["AXES", "LatencyGrid", "LatencyTable", "default_grid", "default_cache_dir", "device_name"]
 
 AXES = ("embed", "heads", "qk", "v", "mlp")
-FORMAT_VERSION = 1  # bump when what is measured changes (invalidates every cached table)
+FORMAT_VERSION = 2  # bump when what is measured changes (invalidates every cached table); 2: branch sums
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,9 +90,12 @@ class LatencyGrid:
         return cls(**{k: list(v) for k, v in d.items()})
 
     @classmethod
-    def for_model(cls, config: NViTConfig, points: int | Mapping[str, int] = 3) -> "LatencyGrid":
-        """default_grid from the widest block of `config` (its dense dims, before pruning)."""
+    def for_model(cls, config: NViTConfig, points: int | Mapping[str, int] = 5, embed_points: int = 3) -> "LatencyGrid":
+        """default_grid from the widest block of `config` (its dense dims, before pruning); an int
+        `points` sets heads, QK, V and MLP, the embedding takes `embed_points` (the paper: 5 and 3)."""
         b = config.blocks
+        if isinstance(points, int):
+            points = {name: points for name in AXES if name != "embed"} | {"embed": embed_points}
         return default_grid(config.embed_dim, max(x.heads for x in b),
                             max(max(x.qk_dims + x.v_dims) for x in b), max(x.mlp for x in b), points)
 
@@ -173,6 +179,41 @@ def _key_hash(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def _cache_entry(grid: LatencyGrid, *, tokens: int, batch_size: int, dtype: torch.dtype, device, extra_key=None,
+                 statistic: str = "median", cache_dir=None) -> tuple[dict, Path]:
+    """(cache key, cache file) of a measurement."""
+    key = cache_key(grid, tokens=tokens, batch_size=batch_size, dtype=dtype, device=device, extra=extra_key)
+    if statistic != "median":  # (the median's key stays as it was)
+        key["statistic"] = statistic
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return key, root / f"latency-{_key_hash(key)}.json"
+
+
+def is_cached(grid: LatencyGrid, *, tokens: int, batch_size: int, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu", cache_dir=None) -> bool:
+    """Whether LatencyTable.measure with these settings would load a cached table."""
+    return _cache_entry(grid, tokens=tokens, batch_size=batch_size, dtype=dtype, device=torch.device(device),
+                        cache_dir=cache_dir)[1].exists()
+
+
+def estimate_measure_seconds(grid: LatencyGrid, *, tokens: int, batch_size: int, dtype: torch.dtype = torch.float32,
+                             device: torch.device | str = "cpu") -> float:
+    """About how long LatencyTable.measure takes for `grid` (default warmup/repeats): the widest
+    attention and MLP branches timed once, scaled by the number of points (an average point costs
+    about half the widest) plus a few ms per point to build its module."""
+    device = torch.device(device)
+    E, Hs, Qs, Vs, Ms = grid.axes
+    calls = (1 + 3) if device.type == "cpu" else (3 + 10)
+    x = torch.randn(batch_size, tokens, E[-1]).to(device=device, dtype=dtype)
+    total = 0.0
+    with torch.inference_mode():
+        for cfg, n in ((BlockConfig([Qs[-1]] * Hs[-1], [Vs[-1]] * Hs[-1], 0, [1.0] * Hs[-1]), len(E) * len(Hs) * len(Qs) * len(Vs)),
+                       (BlockConfig([], [], Ms[-1], []), len(E) * len(Ms))):
+            block = NViTBlock(E[-1], cfg).to(device=device, dtype=dtype).eval()
+            total += n * (calls * 0.5 * _time_block(block, x, warmup=1, repeats=1) + 0.003)
+    return total
+
+
 def _time_block(block: torch.nn.Module, x: torch.Tensor, *, warmup: int, repeats: int,
                 statistic: str = "median") -> float:
     """Median (or min) wall time (s) of one forward; synchronises the GPU around each timed call."""
@@ -214,11 +255,12 @@ class LatencyTable:
                 cache_dir: str | os.PathLike | None = None, use_cache: bool = True, refresh: bool = False,
                 extra_key: Mapping[str, Any] | None = None, statistic: str = "median",
                 progress: bool = True) -> "LatencyTable":
-        """Time one NViT block's forward at every grid point (median of `repeats` after `warmup` calls).
+        """One NViT block's forward latency at every grid point: its attention branch and its MLP branch
+        each timed (median of `repeats` after `warmup` calls) on their own axes, and summed.
 
-        Blocks have `heads` equal heads of `qk`/`v` dims, scale qk^-0.5, run in eval mode under
+        Branches have `heads` equal heads of `qk`/`v` dims, scale qk^-0.5, run in eval mode under
         inference_mode on a random [batch_size, tokens, embed] input. Defaults: warmup 1 / repeats 3
-        on CPU (the default grid of a 128-wide model then takes about a minute on 2 idle cores),
+        on CPU (the default 5-point grid of a 128-wide model then takes about 20 s on 2 idle cores),
         3 / 10 on GPU. `statistic="min"` takes the fastest repeat instead of the median (more robust
         on a CPU shared with other jobs; it is part of the cache key). Points are measured in a shuffled (seeded) order so that drift in the machine's
         load shows up as noise rather than as a slope along one axis.
@@ -235,32 +277,36 @@ class LatencyTable:
         if tokens < 1 or batch_size < 1 or warmup < 0 or repeats < 1:
             raise ValueError(f"nvit: need tokens ≥ 1, batch_size ≥ 1, warmup ≥ 0, repeats ≥ 1; got "
                              f"{tokens}, {batch_size}, {warmup}, {repeats}")
-        key = cache_key(grid, tokens=tokens, batch_size=batch_size, dtype=dtype, device=device, extra=extra_key)
-        if statistic != "median":  # (the median's key stays as it was)
-            key["statistic"] = statistic
-        path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        path = path / f"latency-{_key_hash(key)}.json"
+        key, path = _cache_entry(grid, tokens=tokens, batch_size=batch_size, dtype=dtype, device=device,
+                                 extra_key=extra_key, statistic=statistic, cache_dir=cache_dir)
         if use_cache and not refresh and path.exists():
             table = cls._load_cached(path, key)
             if table is not None:
                 return table
 
         from tqdm.auto import tqdm
-        values = np.zeros(grid.shape)
+
+        E, Hs, Qs, Vs, Ms = grid.axes
+        branches = [(("attn", e, h, q, v), BlockConfig([q] * h, [v] * h, 0, [q ** -0.5] * h))
+                    for e in E for h in Hs for q in Qs for v in Vs]
+        branches += [(("mlp", e, m), BlockConfig([], [], m, [])) for e in E for m in Ms]
+        np.random.default_rng(0).shuffle(branches)  # machine drift shows up as noise, not as a slope along an axis
         t_start = time.perf_counter()
         gen = torch.Generator(device="cpu").manual_seed(0)
         inputs: dict[int, torch.Tensor] = {}
-        with torch.inference_mode(), tqdm(total=grid.size, desc="nvit latency table", disable=not progress) as bar:
-            points = list(grid.points())
-            np.random.default_rng(0).shuffle(points)
-            for idx, (embed, heads, qk, v, mlp) in points:
-                cfg = BlockConfig(qk_dims=[qk] * heads, v_dims=[v] * heads, mlp=mlp, scales=[qk ** -0.5] * heads)
+        timed: dict[tuple, float] = {}
+        with torch.inference_mode(), tqdm(total=len(branches), desc="nvit latency table", disable=not progress) as bar:
+            for name, cfg in branches:
+                embed = name[1]
                 block = NViTBlock(embed, cfg).to(device=device, dtype=dtype).eval()
                 if embed not in inputs:
                     inputs[embed] = torch.randn(batch_size, tokens, embed, generator=gen).to(device=device, dtype=dtype)
-                values[idx] = _time_block(block, inputs[embed], warmup=warmup, repeats=repeats, statistic=statistic)
+                timed[name] = _time_block(block, inputs[embed], warmup=warmup, repeats=repeats, statistic=statistic)
                 del block
                 bar.update(1)
+        values = np.zeros(grid.shape)
+        for idx, (embed, heads, qk, v, mlp) in grid.points():
+            values[idx] = timed[("attn", embed, heads, qk, v)] + timed[("mlp", embed, mlp)]
         meta = dict(key, warmup=warmup, repeats=repeats, measure_seconds=round(time.perf_counter() - t_start, 3),
                     measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         table = cls(grid=grid, values=values, meta=meta)
@@ -382,5 +428,23 @@ def measure_model_latency(model: torch.nn.Module, input_shape: Sequence[int], *,
     try:
         with torch.inference_mode():
             return _time_block(model, x, warmup=warmup, repeats=repeats, statistic=statistic)
+    finally:
+        model.train(was_training)
+
+
+def measure_blocks_latency(model: torch.nn.Module, *, tokens: int, batch_size: int,
+                           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                           repeats: int | None = None) -> float:
+    """Wall time (s) of a ViT's blocks alone (``model.blocks`` on a random [batch_size, tokens, embed]
+    input): what LatencyTable.model_latency predicts, measured (best of 3 medians)."""
+    device = torch.device(device)
+    embed = next(p for n, p in model.named_parameters() if n.startswith("blocks.")).shape[-1]
+    x = torch.randn(batch_size, tokens, embed, device=device, dtype=dtype)
+    repeats = (5 if device.type == "cpu" else 20) if repeats is None else repeats
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return min(_time_block(model.blocks, x, warmup=1, repeats=repeats) for _ in range(3))
     finally:
         model.train(was_training)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -80,6 +81,7 @@ class Run:
         self.workers = s["workers"] if s["workers"] is not None else default_workers(s, procs)
         self.timings: dict[str, float] = {}
         self.log_lines: list[str] = []
+        self.table = None  # the latency table, when the run measured one
 
     # ---- output (rank 0 alone) ---------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -191,35 +193,94 @@ class Run:
 
     # ---- phase 1: prune while training -------------------------------------------------------------
     def make_pruner(self, model):
-        from .latency import LatencyGrid, LatencyTable
         from .pruner import Pruner, Target, TargetUnreachableError
-        from .structures import Adapter
 
         s = self.s
-        table = None
-        if s["target_metric"] == "latency" or s["eta"] > 0:
-            adapter = Adapter(model)
-            cfg = adapter.nvit_config(adapter.full_masks())
-            grid = LatencyGrid.for_model(cfg, points=s["latency_points"])
-            t0 = time.time()
-            # Measured once (rank 0) and shared: every rank must rank structures by the same table.
-            table = None
-            if self.p.main:
-                table = LatencyTable.measure(grid, tokens=cfg.num_tokens, batch_size=s["latency_batch"],
-                                             device=self.device, progress=s["progress"],
-                                             dtype=self.precision.tensor_dtype).monotonized()
-            table = self.p.broadcast_object(table)
-            self.timings["latency_table_s"] = round(time.time() - t0, 2)
-        try:
-            # The guards are checked against the last (smallest) target; the phase moves the target down.
-            return Pruner(model, Target(s["target_metric"], s["target"][-1]), granularity=s["granularity"],
+        auto = s["target_metric"] == "auto"
+        metric = self.resolve_metric(model)
+        table = self.latency_table(model) if metric == "latency" or s["eta"] > 0 else None
+
+        def pruner(metric):  # the guards are checked against the last (smallest) target
+            return Pruner(model, Target(metric, s["target"][-1]), granularity=s["granularity"],
                           normalize=s["normalize"], eta=s["eta"], latency_table=table,
                           group_size={"embed": s["group_embed"], "head": s["group_heads"], "qk": s["group_qk"],
                                       "v": s["group_v"], "mlp": s["group_mlp"]},
                           ema_momentum=s["ema_momentum"], deterministic=True, criterion=s["criterion"],
                           allocation=s["allocation"], branches=bool(s["prune_branches"]))
+        try:
+            return pruner(metric)
+        except TargetUnreachableError as e:
+            if not (auto and metric == "latency"):
+                raise RunError(str(e)) from None
+            self.log(f"target metric: flops after all ({str(e).removeprefix('nvit: ')}: the blocks' fixed costs "
+                     "dominate the measured latency of a model this small)")
+            self.set_metric("flops")
+        try:
+            return pruner("flops")
         except TargetUnreachableError as e:
             raise RunError(str(e)) from None
+
+    def _grid(self, model):
+        from .latency import LatencyGrid
+        from .structures import Adapter
+
+        adapter = Adapter(model)
+        cfg = adapter.nvit_config(adapter.full_masks())
+        return cfg, LatencyGrid.for_model(cfg, points=self.s["latency_points"])
+
+    def resolve_metric(self, model) -> str:
+        """--target-metric auto → latency when its table is cached or quick to measure here (and the
+        model's blocks are what the table measures), else flops; said once, and kept in the settings
+        (a resumed run keeps the choice)."""
+        from .latency import estimate_measure_seconds, is_cached
+
+        s = self.s
+        if s["target_metric"] != "auto":
+            return s["target_metric"]
+        cfg, grid = self._grid(model)
+        why = None
+        if cfg.family != "vit":
+            why = f"the latency table measures ViT blocks, not {cfg.family}"
+        else:
+            settings = dict(tokens=cfg.num_tokens, batch_size=s["latency_batch"], dtype=self.precision.tensor_dtype,
+                            device=self.device)
+            est = None
+            if self.p.main:
+                est = 0.0 if is_cached(grid, **settings) else estimate_measure_seconds(grid, **settings)
+            est = self.p.broadcast_object(est)  # one decision for every rank
+            if est > s["latency_budget"]:
+                why = (f"its table would take about {est:.0f} s to measure here (> --latency-budget "
+                       f"{s['latency_budget']:g}); --target-metric latency measures it anyway")
+        metric = "flops" if why else "latency"
+        self.log(f"target metric: {metric} (auto: " + (why or "measured on this device, as in the paper") + ")")
+        self.set_metric(metric)
+        return metric
+
+    def set_metric(self, metric: str) -> None:
+        """Fix what --target-metric auto chose, here and in run.json (a resumed run keeps it)."""
+        self.s["target_metric"] = metric
+        if self.p.main:
+            from .io import atomic_write_json
+
+            run = json.loads((self.out / "run.json").read_text())
+            run["settings"]["target_metric"] = metric
+            atomic_write_json(self.out / "run.json", run)
+
+    def latency_table(self, model):
+        """Measured once (rank 0) and shared: every rank must rank structures by the same table."""
+        from .latency import LatencyTable
+
+        s = self.s
+        cfg, grid = self._grid(model)
+        t0 = time.time()
+        table = None
+        if self.p.main:
+            table = LatencyTable.measure(grid, tokens=cfg.num_tokens, batch_size=s["latency_batch"],
+                                         device=self.device, progress=s["progress"],
+                                         dtype=self.precision.tensor_dtype).monotonized()
+        self.table = self.p.broadcast_object(table)
+        self.timings["latency_table_s"] = round(time.time() - t0, 2)
+        return self.table
 
     def prune_phase(self, ck: dict | None):
         from .pruner import Target, TargetUnreachableError

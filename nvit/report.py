@@ -55,6 +55,7 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
         record_preprocessing(m["model"], r.data_desc)
         nvio.save(m["model"], folder, overwrite=True)
     main = entries[-1]
+    table_check = latency_table_check(r, dense_cfg, models) if r.table is not None else None
     dev_desc = (f"{dev.type}: {device_name(dev)}, {torch.get_num_threads()} threads" if dev.type == "cpu"
                 else device_name(dev))
     report = {
@@ -65,6 +66,7 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
         "models": [{k: v for k, v in e.items() if k != "prune_steps"} for e in entries],
         "latency": {"batch_size": s["latency_batch"], "device": dev_desc, "dtype": str(r.precision.tensor_dtype)
                     .removeprefix("torch."), "statistic": "median"},
+        "latency_table_check": table_check,
         "precision": {"amp": s["amp"], "master_weights": "float32"},
         "processes": {"world_size": r.p.world, "backend": ("nccl" if dev.type == "cuda" else "gloo")
                       if r.p.distributed else None, "workers_per_rank": r.workers,
@@ -91,6 +93,21 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
     print(summary_text(report, out))
     r.p.barrier()
     return report
+
+
+def latency_table_check(r, dense_cfg: NViTConfig, models: list[dict]) -> dict:
+    """The latency table's prediction for the blocks of the dense and of each pruned model next to
+    the blocks' measured latency (same batch, tokens, dtype and device as the table)."""
+    from .latency import measure_blocks_latency
+
+    meta, out = r.table.meta, {}
+    for name, net, cfg in [("dense", r.dense, dense_cfg)] + [(f"target {m['target']:g}", m["model"], m["model"].config)
+                                                           for m in models]:
+        predicted = r.table.model_latency(cfg)
+        measured = measure_blocks_latency(net, tokens=meta["tokens"], batch_size=meta["batch_size"], device=r.device,
+                                          dtype=r.precision.tensor_dtype)
+        out[name] = {"predicted_s": predicted, "measured_s": measured, "error": predicted / measured - 1}
+    return out
 
 
 def record_preprocessing(nv, data_desc: dict) -> None:
@@ -173,6 +190,9 @@ def summary_text(report: dict, out: Path) -> str:
         lines.append(f"    {i:2d}: {attn} | {b['mlp'] if b['mlp'] else 'MLP branch removed'}")
     lines.append(f"  embedding {report['architecture']['embed_dim']}/{report['architecture']['dense_embed_dim']}; "
                  f"took {report['timings'].get('total_s', 0):.0f} s")
+    if report.get("latency_table_check"):
+        errs = ", ".join(f"{name} {c['error'] * 100:+.1f}%" for name, c in report["latency_table_check"].items())
+        lines.append(f"  latency table vs measured blocks: {errs}")
     k = report["kernels"]
     lines.append(f"  kernels: saliency {k['saliency']}, attention {k['attention']} (extension {k['extension_state']})")
     folders = ", ".join(f"{out}/{m['folder']}/" for m in report["models"])

@@ -97,8 +97,11 @@ FLAGS: tuple[Flag, ...] = (
     F("out", None, "output folder (default: runs/nvit-<time>); must not hold another run", "output", str),
     F("resume", None, "continue the interrupted run in this folder (same world size)", "output", str),
     # target and ranking
-    F("target_metric", "flops", "what --target is a fraction of", "target and ranking", str,
-      ("latency", "flops", "params")),
+    F("target_metric", "auto", "what --target is a fraction of; auto: latency measured on this device (the "
+      "paper's method) when its table takes at most --latency-budget seconds to measure or is cached, else FLOPs",
+      "target and ranking", str, ("auto", "latency", "flops", "params")),
+    F("latency_budget", 60.0, "seconds a latency table may take to measure for --target-metric auto",
+      "target and ranking", float, check=non_negative),
     F("target", (0.4,), "fraction of the dense model's metric to reach; several, descending (0.6,0.45,0.3), give "
       "one model per target from one pruning run", "target and ranking", fraction_list, check=descending_fractions),
     F("granularity", "aligned", "aligned (the paper: a block's heads share dims) or per-head", "target and ranking",
@@ -118,7 +121,8 @@ FLAGS: tuple[Flag, ...] = (
     F("group_v", 2, "V dims removed together", "target and ranking", int, check=positive),
     F("group_mlp", 8, "MLP channels removed together", "target and ranking", int, check=positive),
     F("ema_momentum", 0.9, "EMA of the saliency across prune steps", "target and ranking", float, check=unit_interval),
-    F("latency_points", 3, "latency table grid points per axis", "target and ranking", int, check=positive),
+    F("latency_points", 5, "latency table grid points per axis of heads, QK, V and MLP (the embedding has 3)",
+      "target and ranking", int, check=positive),
     F("prune_branches", False, "also rank each block's whole attention and MLP branch (layer skipping, as in UVC); "
       "a removed branch is absent from the converted model", "target and ranking"),
     # one-shot

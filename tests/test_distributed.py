@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 # Per-rank batch 4 (global 8); the tiny model, few iterations, one thread per rank.
 SMALL = ["--train-limit", "48", "--eval-limit", "40", "--batch-size", "8", "--prune-epochs", "1",
          "--finetune-epochs", "1", "--prune-every", "2", "--latency-batch", "2", "--no-progress",
-         "--checkpoint-every", "2", "--threads", "1", "--target", "0.5", "--granularity", "per-head"]
+         "--checkpoint-every", "2", "--threads", "1", "--target", "0.5", "--target-metric", "flops", "--granularity", "per-head"]
 
 
 def _torchrun(args, nproc=2, timeout=300):

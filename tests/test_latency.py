@@ -12,6 +12,7 @@ from nvit.model import BlockConfig, NViTConfig
 
 GRID = LatencyGrid(embed=[8, 16, 32], heads=[1, 2], qk=[1, 4], v=[1, 2, 8], mlp=[1, 16])
 TINY = LatencyGrid(embed=[4, 8], heads=[1, 2], qk=[1, 3], v=[1, 2], mlp=[1, 8])
+TINY_CALLS = 2 * (2 * 2 * 2) + 2 * 2  # branch measurements: attention (embed × heads × qk × v), MLP (embed × mlp)
 
 
 def _table_from(fn, grid=GRID) -> LatencyTable:
@@ -50,7 +51,9 @@ def test_default_grid():
     with pytest.raises(ValueError, match="unknown grid axes"):
         default_grid(8, 2, 2, 2, points={"depth": 2})
     cfg = NViTConfig(32, 16, 3, 10, 64, [BlockConfig([16] * 4, [16] * 4, 256, [0.25] * 4)])
-    assert LatencyGrid.for_model(cfg) == default_grid(64, 4, 16, 256)
+    assert LatencyGrid.for_model(cfg) == default_grid(64, 4, 16, 256, points={"embed": 3, "heads": 5, "qk": 5,
+                                                                             "v": 5, "mlp": 5})
+    assert LatencyGrid.for_model(cfg, points=3) == default_grid(64, 4, 16, 256)
 
 
 # ------------------------------------------------------------------------------------ interpolation
@@ -147,10 +150,14 @@ class FakeTimer:
     def __call__(self, block, x, *, warmup, repeats, statistic="median"):
         self.calls += 1
         embed = x.shape[-1]
-        cfg = BlockConfig(block.attn.qk_dims, block.attn.v_dims, block.mlp.fc1.out_features, block.attn.scales)
+        assert block.has_attn != block.has_mlp  # one branch at a time
+        a = block.attn if block.has_attn else None
+        cfg = BlockConfig(a.qk_dims if a else [], a.v_dims if a else [],
+                          block.mlp.fc1.out_features if block.has_mlp else 0, a.scales if a else [])
         assert not block.training and torch.is_inference_mode_enabled()
-        assert len(set(cfg.qk_dims)) == 1 and len(set(cfg.v_dims)) == 1
-        assert cfg.scales == [cfg.qk_dims[0] ** -0.5] * cfg.heads
+        if a:
+            assert len(set(cfg.qk_dims)) == 1 and len(set(cfg.v_dims)) == 1
+            assert cfg.scales == [cfg.qk_dims[0] ** -0.5] * cfg.heads
         return 1e-9 * block_params(embed, cfg)
 
 
@@ -168,10 +175,13 @@ def _measure(tmp_path, **kw):
 
 
 def test_measure_fills_each_point_with_its_block(tmp_path, fake_timer):
+    """Each point is its attention branch plus its MLP branch, each measured once on its own axes
+    (the fake timer returns 1e-9 × the parameters of what it times: the two branches sum to the block)."""
     t = _measure(tmp_path)
-    assert fake_timer.calls == TINY.size
+    E, Hs, Qs, Vs, Ms = TINY.axes
+    assert fake_timer.calls == TINY_CALLS == len(E) * (len(Hs) * len(Qs) * len(Vs) + len(Ms)) < TINY.size
     for idx, (e, h, q, v, m) in TINY.points():
-        assert t.values[idx] == 1e-9 * block_params(e, BlockConfig([q] * h, [v] * h, m, [1.0] * h))
+        assert t.values[idx] == pytest.approx(1e-9 * block_params(e, BlockConfig([q] * h, [v] * h, m, [1.0] * h)))
     assert t.meta["tokens"] == 5 and t.meta["batch_size"] == 2 and t.meta["dtype"] == "float32"
 
 
@@ -180,12 +190,12 @@ def test_cache_hit_does_not_remeasure(tmp_path, fake_timer):
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].suffix == ".json"
     t2 = _measure(tmp_path)
-    assert fake_timer.calls == TINY.size  # loaded, not measured
+    assert fake_timer.calls == TINY_CALLS  # loaded, not measured
     assert np.array_equal(t1.values, t2.values) and t2.grid == TINY
     _measure(tmp_path, refresh=True)
-    assert fake_timer.calls == 2 * TINY.size
+    assert fake_timer.calls == 2 * TINY_CALLS
     _measure(tmp_path, use_cache=False)
-    assert fake_timer.calls == 3 * TINY.size
+    assert fake_timer.calls == 3 * TINY_CALLS
 
 
 def test_cache_dir_from_env(tmp_path, fake_timer, monkeypatch):
@@ -217,7 +227,7 @@ def test_cache_key_changes_with_settings(tmp_path, fake_timer):
     _measure(tmp_path, tokens=6)
     _measure(tmp_path, dtype=torch.float64)
     _measure(tmp_path, statistic="min")
-    assert fake_timer.calls == 4 * TINY.size and len(list(tmp_path.iterdir())) == 4
+    assert fake_timer.calls == 4 * TINY_CALLS and len(list(tmp_path.iterdir())) == 4
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "other_key", "bad_values"])
@@ -239,10 +249,10 @@ def test_corrupt_cache_warns_and_remeasures(tmp_path, fake_timer, damage):
         path.write_text(json.dumps(d))
     with pytest.warns(RuntimeWarning, match="unusable"):
         t2 = _measure(tmp_path)
-    assert fake_timer.calls == 2 * TINY.size
+    assert fake_timer.calls == 2 * TINY_CALLS
     assert np.array_equal(t1.values, t2.values)
     _measure(tmp_path)  # the re-measured table was written back: now a hit
-    assert fake_timer.calls == 2 * TINY.size
+    assert fake_timer.calls == 2 * TINY_CALLS
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, fake_timer, monkeypatch):

@@ -12,7 +12,7 @@ import nvit
 from nvit.prune import main
 from nvit.training import evaluate
 
-FAST = ["--train-limit", "48", "--eval-limit", "40", "--batch-size", "8", "--prune-epochs", "1",
+FAST = ["--train-limit", "48", "--eval-limit", "40", "--batch-size", "8", "--prune-epochs", "1", "--target-metric", "flops",
         "--finetune-epochs", "1", "--prune-every", "2", "--latency-batch", "2", "--no-progress",
         "--checkpoint-every", "2"]
 
@@ -69,7 +69,7 @@ def test_timm_model_on_image_folder(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ck))
     out = tmp_path / "run"
     assert _run(["--model", "vit_tiny_patch16_224", "--checkpoint", ck, "--img-size", 32, "--data", root,
-                 "--out", out, "--target", 0.6, "--target-metric", "params", *FAST]) == 0
+                 "--out", out, *FAST, "--target", 0.6, "--target-metric", "params"]) == 0
     r = json.loads((out / "report.json").read_text())
     assert r["data"]["kind"] == "image-folder" and r["model"]["model"] == "vit_tiny_patch16_224"
     assert r["pruned"]["params"] <= 0.6 * r["dense"]["params"]
@@ -150,6 +150,28 @@ def test_several_targets_one_shot(tiny_nvit, tmp_path):
     r = json.loads((out / "report.json").read_text())
     assert [m["target"] for m in r["models"]] == [0.8, 0.6, 0.4]
     assert all(m["flops"] <= m["target"] * r["dense"]["flops"] for m in r["models"])
+
+
+@pytest.mark.parametrize("extra, metric, said", [
+    (["--target", 0.8], "latency", "measured on this device"),
+    (["--target", 0.8, "--latency-budget", 0], "flops", "--latency-budget"),
+    (["--target", 0.3], "flops", "fixed costs dominate"),  # the tiny model's latency cannot fall that far
+])
+def test_auto_metric_is_latency_when_quick_and_reachable(extra, metric, said, tiny_nvit, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NVIT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert _run(["--nvit-model", tiny_nvit, "--out", out, *FAST, "--target-metric", "auto", "--latency-points", 2,
+                 *extra]) == 0
+    assert said in capsys.readouterr().out
+    r = json.loads((out / "report.json").read_text())
+    assert r["settings"]["target_metric"] == metric
+    assert json.loads((out / "run.json").read_text())["settings"]["target_metric"] == metric  # resume keeps it
+    check = r["latency_table_check"]
+    if metric == "latency":
+        assert set(check) == {"dense", "target 0.8"}
+        assert all(c["predicted_s"] > 0 and c["measured_s"] > 0 and math.isfinite(c["error"]) for c in check.values())
+    elif "--latency-budget" in extra:
+        assert check is None
 
 
 @pytest.mark.parametrize("args, message", [

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from nvit import engine
 from nvit.prune import main
 
-FAST = ["--train-limit", "48", "--eval-limit", "40", "--batch-size", "8", "--prune-epochs", "1",
+FAST = ["--train-limit", "48", "--eval-limit", "40", "--batch-size", "8", "--prune-epochs", "1", "--target-metric", "flops",
         "--finetune-epochs", "1", "--prune-every", "2", "--latency-batch", "2", "--no-progress",
         "--checkpoint-every", "2", "--target", "0.5"]
 TINY_VIT = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=24, depth=2, num_heads=3,
