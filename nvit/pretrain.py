@@ -1,6 +1,8 @@
-"""Pretrains the embedded model (nvit.tiny_model.EMBEDDED_MODEL) from scratch on the embedded Fashion-MNIST subset.
+"""Pretrains the embedded model (nvit.tiny_model.EMBEDDED_MODEL) from scratch on the embedded Fashion-MNIST subset
+-- or any NViT architecture given as a config file (e.g. one that `python -m nvit.revit` wrote).
 
     python -m nvit.pretrain --out nvit/data/fashion_vit.safetensors [--epochs E --lr LR --batch-size B --seed S]
+    python -m nvit.pretrain --model-config revit.json --out runs/revit.safetensors
 
 Recipe (DeiT-like, scaled down): AdamW, linear warmup then cosine decay per step, label smoothing, random crop
 (zero-padding 2) + horizontal flip done on tensors. Writes the weights as fp16 safetensors (metadata: epochs, seed,
@@ -56,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--depth", type=int, default=None, help="model override (tests)")
     ap.add_argument("--num-heads", type=int, default=None, help="model override (tests)")
     ap.add_argument("--mlp-ratio", type=float, default=None, help="model override (tests)")
+    ap.add_argument("--model-config", type=Path, default=None,
+                    help="train this NViT architecture (an NViT config.json, e.g. from nvit.revit) instead")
     ap.add_argument("--data", type=Path, default=EMBEDDED_PATH, help="embedded-format .npz dataset")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = ap.parse_args(argv)
@@ -87,12 +91,16 @@ def _run(args: argparse.Namespace, argv) -> dict:
 
     overrides = {k: v for k, v in (("embed_dim", args.embed_dim), ("depth", args.depth),
                                    ("num_heads", args.num_heads), ("mlp_ratio", args.mlp_ratio)) if v is not None}
-    config = {**EMBEDDED_MODEL, **overrides}
-    model = build_model(**overrides, drop_path_rate=args.drop_path)
-    n_params = sum(q.numel() for q in model.parameters())
-
     train_ds = load_embedded("train", path=args.data, limit=args.limit_train)
     test_ds = load_embedded("test", path=args.data, limit=args.limit_test)
+    if args.model_config is not None:
+        config, build = _nvit_architecture(args, train_ds)
+    else:
+        config = {**EMBEDDED_MODEL, **overrides}
+        build = lambda **kw: build_model(**overrides, **kw)  # noqa: E731
+    model = build(drop_path_rate=args.drop_path)
+    n_params = sum(q.numel() for q in model.parameters())
+
     # The engine's pieces: deterministic per-sample augmentation in a DataLoader, optimizer groups.
     steps = max(1, len(train_ds) // args.batch_size)
     total = args.epochs * steps
@@ -133,7 +141,7 @@ def _run(args: argparse.Namespace, argv) -> dict:
     top1_fp32 = evaluate(model, test_ds, progress=not args.no_progress)
     # Ship fp16 (half the size); record the accuracy of exactly what loading gives back (fp16 -> fp32).
     state16 = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    shipped = build_model(**overrides)
+    shipped = build()
     shipped.load_state_dict({k: v.float() for k, v in state16.items()})
     top1 = evaluate(shipped, test_ds, progress=not args.no_progress)
 
@@ -147,7 +155,7 @@ def _run(args: argparse.Namespace, argv) -> dict:
             "test_top1": f"{top1:.2f}", "n_test": str(len(test_ds)), "timm_version": timm.__version__,
             "torch_version": torch.__version__, "dtype": "float16", "model_config": json.dumps(config)}
     info = {
-        "model": "timm.models.vision_transformer.VisionTransformer",
+        "model": "nvit.NViT" if args.model_config is not None else "timm.models.vision_transformer.VisionTransformer",
         "config": config,
         "params": n_params,
         "recipe": {**recipe, "optimizer": "AdamW", "schedule": "linear warmup + cosine (per step)",
@@ -171,6 +179,38 @@ def _run(args: argparse.Namespace, argv) -> dict:
     print(f"test top-1 {top1:.2f}% (fp32 before rounding {top1_fp32:.2f}%), trained in {train_time:.0f} s; "
           f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {out.with_suffix('.json')}", flush=True)
     return info
+
+
+def _nvit_architecture(args, train_ds):
+    """(config dict, builder) of an NViT config file, checked against the data; the model is
+    initialised as timm initialises a ViT (truncated normal 0.02, zero biases)."""
+    from timm.models.vision_transformer import init_weights_vit_timm
+
+    from nvit.model import NViT, NViTConfig
+
+    try:
+        cfg = NViTConfig.from_dict(json.loads(args.model_config.read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"nvit.pretrain: error: --model-config {args.model_config}: {e}") from None
+    x, _ = train_ds[0]
+    n_classes = int(max(int(train_ds[i][1]) for i in range(min(len(train_ds), 2000)))) + 1
+    if (cfg.in_chans, cfg.img_size) != (x.shape[0], x.shape[-1]) or cfg.num_classes < n_classes:
+        raise SystemExit(f"nvit.pretrain: error: --model-config {args.model_config} takes {cfg.in_chans}×{cfg.img_size}² "
+                         f"images into {cfg.num_classes} classes; the data has {x.shape[0]}×{x.shape[-1]}² images "
+                         f"in {n_classes} classes")
+    if args.drop_path:
+        raise SystemExit("nvit.pretrain: error: --drop-path is not supported with --model-config")
+
+    def build(drop_path_rate: float = 0.0):
+        model = NViT(cfg)
+        for name, m in model.named_modules():
+            init_weights_vit_timm(m, name)
+        for p in (getattr(model, n, None) for n in ("pos_embed", "cls_token")):
+            if p is not None:
+                torch.nn.init.trunc_normal_(p, std=0.02)
+        return model
+
+    return cfg.to_dict(), build
 
 
 if __name__ == "__main__":

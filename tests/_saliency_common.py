@@ -64,9 +64,8 @@ def mini_vit_maps(granularity: str = "aligned", blocks: int = 12):
 
 
 def deit_case(name: str = "tiny", granularity: str = "aligned"):
-    """The maps of DeiT-{tiny,small,base} at 224² (built on the meta device: shapes only)."""
-    with torch.device("meta"):
-        model = timm.create_model(f"deit_{name}_patch16_224")
+    """The maps of DeiT-{tiny,small,base} at 224²."""
+    model = timm.create_model(f"deit_{name}_patch16_224")
     named, ui = Adapter(model).saliency_maps(granularity)
     return [m for _, m in named], ui.num_units
 

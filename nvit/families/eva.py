@@ -48,6 +48,9 @@ class EvaFamily(ViTFamily):
         from timm.layers.pos_embed_sincos import RotaryEmbeddingCat
 
         m, bad = self.model, super().problems()
+        if not self.is_nvit and m.reg_token is not None and not hasattr(m, "no_embed_class"):
+            bad.append("reg_token: this timm's Eva prepends the class token twice with register tokens "
+                       "(fixed in newer timm); upgrade timm to prune it")
         if not self.is_nvit and self.rotary and (type(m.rope) is not RotaryEmbeddingCat or getattr(m, "rope_mixed", False)):
             bad.append(f"rope: {type(m.rope).__name__} (only RotaryEmbeddingCat, interleaved pairs)")
         return bad
@@ -174,7 +177,7 @@ class EvaFamily(ViTFamily):
             proj_bias=blk0.attn.proj.bias is not None,
             layer_scale=blk0.gamma_1 is not None,
             class_token=m.cls_token is not None, reg_tokens=0 if m.reg_token is None else m.reg_token.shape[1],
-            no_embed_class=bool(m.no_embed_class), global_pool=m.global_pool,
+            no_embed_class=bool(getattr(m, "no_embed_class", False)), global_pool=m.global_pool,
             fc_norm=not isinstance(m.fc_norm, nn.Identity),
             pre_norm=not isinstance(getattr(m, "norm_pre", nn.Identity()), nn.Identity),
             final_norm=not isinstance(m.norm, nn.Identity) or not isinstance(m.fc_norm, nn.Identity),
