@@ -198,19 +198,28 @@ def load_data(s: dict, model: torch.nn.Module, world: int = 1):
     random train transforms from the global RNGs, which the loader seeds per sample (nvit.loader), so
     batches are reproducible. Streaming ones (wds/…, hfids/…, tfds/…) are timm's IterableImageDataset:
     timm shards them over ranks and workers, and their order is fixed by the seed and the epoch only."""
-    from .datasets import EMBEDDED_MEAN, EMBEDDED_STD, load_embedded
+    from .datasets import EMBEDDED_MEAN, EMBEDDED_PATH, EMBEDDED_STD, load_embedded
     from .loader import pad_crop_flip
 
     aug = augmentation(s)
     C, H, _ = input_shape(model)
     extra = None
+    if s["embedded_data"] and s["data"]:
+        raise RunError("--embedded-data replaces the shipped tensors; it does not go with --data")
     if not s["data"]:
         if (s["in_chans"] or C, s["img_size"] or H) != (1, 28):
             raise RunError(f"the embedded data is 1×28×28 but the model takes {C}×{H}×{H}; give --data")
         if aug == "timm":
             raise RunError("--augment timm needs image data (--data); the embedded tensors take pad-crop or none")
-        train, test = load_embedded("train", limit=s["train_limit"]), load_embedded("test", limit=s["eval_limit"])
-        desc = {"kind": "embedded", "name": "Fashion-MNIST subset"}
+        path = s["embedded_data"] or EMBEDDED_PATH
+        if not Path(path).is_file():
+            raise RunError(f"--embedded-data {path}: no such file")
+        try:
+            train = load_embedded("train", path=path, limit=s["train_limit"])
+            test = load_embedded("test", path=path, limit=s["eval_limit"])
+        except ValueError as e:
+            raise RunError(f"--embedded-data: {e}") from None
+        desc = {"kind": "embedded", "name": "Fashion-MNIST subset" if not s["embedded_data"] else str(path)}
         if aug == "pad-crop":
             extra = pad_crop_flip(s["pad"], s["flip"], fill=(0.0 - EMBEDDED_MEAN) / EMBEDDED_STD)
         desc.update(n_train=len(train), n_test=len(test), augmentation=aug)

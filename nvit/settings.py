@@ -88,6 +88,9 @@ FLAGS: tuple[Flag, ...] = (
     F("data", None, "an image folder (train/ and val/ or test/ of class folders), or a dataset timm reads "
       "(hfds/NAME, wds/NAME, …, with --data-root); default: the embedded Fashion-MNIST subset", "input", str),
     F("data_root", None, "root/cache folder for hfds/… and wds/… datasets", "input", str),
+    F("embedded_data", None, "without --data: an embedded-format .npz (train_/test_images, train_/test_labels "
+      "uint8; scripts/make_fashion_subset.py writes one, e.g. with the whole Fashion-MNIST test split) instead of "
+      "the shipped subset", "input", str),
     F("train_split", "train", "split to train on (hfds/wds)", "input", str),
     F("val_split", "validation", "split to evaluate on (hfds/wds)", "input", str),
     F("img_size", None, "input size (default: the model's)", "input", int, check=positive),

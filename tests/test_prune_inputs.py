@@ -183,3 +183,24 @@ def test_webdataset_shards_through_timms_reader(tmp_path):
     r = json.loads((out / "report.json").read_text())
     assert r["data"]["kind"] == "timm-streaming" and r["data"]["n_train"] == 48
     assert 0 <= r["pruned"]["top1"] <= 100
+
+
+def test_embedded_data_from_another_file(tmp_path, capsys):
+    """--embedded-data: the embedded task's tensors from another npz (e.g. the whole Fashion-MNIST test split)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {f"{s}_images": rng.integers(0, 255, (n, 28, 28), dtype=np.uint8) for s, n in (("train", 48), ("test", 24))}
+    arrays |= {f"{s}_labels": rng.integers(0, 10, n, dtype=np.uint8) for s, n in (("train", 48), ("test", 24))}
+    arrays["class_names"] = np.array([str(c) for c in range(10)])
+    npz = tmp_path / "other.npz"
+    np.savez_compressed(npz, **arrays)
+    student = _local_dir(tmp_path, "student", "vit_tiny_patch16_224", TINY_VIT)
+    out = tmp_path / "run"
+    assert _run(["--model", f"local-dir:{student}", "--embedded-data", npz, "--out", out, *FAST,
+                 "--eval-limit", 1000]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["data"]["name"] == str(npz) and r["data"]["n_test"] == 24
+    assert _run(["--model", f"local-dir:{student}", "--embedded-data", tmp_path / "none.npz", "--out",
+                 tmp_path / "x", *FAST]) == 2
+    assert "no such file" in capsys.readouterr().err
