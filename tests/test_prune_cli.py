@@ -152,12 +152,18 @@ def test_several_targets_one_shot(tiny_nvit, tmp_path):
     assert all(m["flops"] <= m["target"] * r["dense"]["flops"] for m in r["models"])
 
 
-@pytest.mark.parametrize("extra, metric, said", [
-    (["--target", 0.8], "latency", "measured on this device"),
-    (["--target", 0.8, "--latency-budget", 0], "flops", "--latency-budget"),
-    (["--target", 0.3], "flops", "fixed costs dominate"),  # the tiny model's latency cannot fall that far
+@pytest.mark.parametrize("extra, fixed_cost, metric, said", [
+    (["--target", 0.8], 0.0, "latency", "measured on this device"),
+    (["--target", 0.8, "--latency-budget", 0], 0.0, "flops", "--latency-budget"),
+    (["--target", 0.3], 1e-3, "flops", "fixed costs dominate"),  # a fixed cost per timed module: unreachable
 ])
-def test_auto_metric_is_latency_when_quick_and_reachable(extra, metric, said, tiny_nvit, tmp_path, capsys, monkeypatch):
+def test_auto_metric_is_latency_when_quick_and_reachable(extra, fixed_cost, metric, said, tiny_nvit, tmp_path, capsys,
+                                                        monkeypatch):
+    import nvit.latency as lat
+
+    # Timings that do not depend on the machine's load: a fixed cost plus 1 ns per parameter timed.
+    monkeypatch.setattr(lat, "_time_block", lambda module, x, **kw: fixed_cost + 1e-9 * sum(
+        p.numel() for p in module.parameters()))
     monkeypatch.setenv("NVIT_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "run"
     assert _run(["--nvit-model", tiny_nvit, "--out", out, *FAST, "--target-metric", "auto", "--latency-points", 2,
