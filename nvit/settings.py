@@ -141,7 +141,10 @@ FLAGS: tuple[Flag, ...] = (
       "into the pruning phase)", "schedule", int, check=positive),
     F("prune_epochs", 1.5, "epochs of the pruning phase", "schedule", float, check=non_negative),
     F("finetune_epochs", 2.5, "epochs of fine-tuning the converted model", "schedule", float, check=non_negative),
-    F("lr", 5e-4, "learning rate while pruning", "schedule", float, check=greater_than_zero),
+    # 1e-4, not the fine-tuning's 5e-4: at a constant 5e-4 the trained model drifts while it is pruned and the
+    # pruning phase ended below one-shot pruning (embedded default, FLOPs 0.4: masked 81.67 vs 81.93 %);
+    # at 1e-4 it ends above (82.53 %) and the final model is better too (83.73 vs 83.27 %).
+    F("lr", 1e-4, "learning rate while pruning (constant)", "schedule", float, check=greater_than_zero),
     F("finetune_lr", 5e-4, "peak learning rate of the fine-tuning (warmup + cosine)", "schedule", float,
       check=greater_than_zero),
     F("min_lr_ratio", 0.02, "final fine-tuning lr as a fraction of the peak", "schedule", float, check=unit_interval),
