@@ -136,7 +136,7 @@ def count_flops(config: NViTConfig, batch_size: int = 1) -> int:
     distillation token, head_dist) and attention's QKᵀ and PV products; excludes norms, softmax,
     GELU, bias/residual adds and pooling — exactly what FlopCounterMode counts on ``NViT(config)``.
     """
-    c, N = config, config.num_tokens
+    c = config
     return (_stem_flops(c, batch_size)
             + sum(config_block_flops(c, b, batch_size) for b in c.blocks)
             + _head_flops(c, batch_size))

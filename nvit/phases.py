@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import time
@@ -20,7 +21,7 @@ from . import engine
 from .engine import Precision, Processes
 from .inputs import check_teacher_input, input_shape, is_streaming, load_data, load_dense_model, load_teachers
 from .loader import train_loader
-from .settings import RunError
+from .settings import GROUP_FLAGS, RunError
 
 SCHEMA_VERSION = 2
 
@@ -197,14 +198,13 @@ class Run:
 
         s = self.s
         auto = s["target_metric"] == "auto"
-        metric = self.resolve_metric(model)
-        table = self.latency_table(model) if metric == "latency" or s["eta"] > 0 else None
+        metric = self.resolve_metric()
+        table = self.latency_table() if metric == "latency" or s["eta"] > 0 else None
 
         def pruner(metric):  # the guards are checked against the last (smallest) target
             return Pruner(model, Target(metric, s["target"][-1]), granularity=s["granularity"],
                           normalize=s["normalize"], eta=s["eta"], latency_table=table,
-                          group_size={"embed": s["group_embed"], "head": s["group_heads"], "qk": s["group_qk"],
-                                      "v": s["group_v"], "mlp": s["group_mlp"]},
+                          group_size={kind: s[flag] for kind, flag in GROUP_FLAGS.items()},
                           ema_momentum=s["ema_momentum"], deterministic=True, criterion=s["criterion"],
                           allocation=s["allocation"], branches=bool(s["prune_branches"]))
         try:
@@ -220,15 +220,18 @@ class Run:
         except TargetUnreachableError as e:
             raise RunError(str(e)) from None
 
-    def _grid(self, model):
+    @functools.cached_property
+    def dense_grid(self):
+        """(the dense model's architecture, the latency grid around it): read once, for the metric
+        choice and the table."""
         from .latency import LatencyGrid
         from .structures import Adapter
 
-        adapter = Adapter(model)
+        adapter = Adapter(self.dense)
         cfg = adapter.nvit_config(adapter.full_masks())
         return cfg, LatencyGrid.for_model(cfg, points=self.s["latency_points"])
 
-    def resolve_metric(self, model) -> str:
+    def resolve_metric(self) -> str:
         """--target-metric auto → latency when its table is cached or quick to measure here (and the
         model's blocks are what the table measures), else flops; said once, and kept in the settings
         (a resumed run keeps the choice)."""
@@ -237,7 +240,7 @@ class Run:
         s = self.s
         if s["target_metric"] != "auto":
             return s["target_metric"]
-        cfg, grid = self._grid(model)
+        cfg, grid = self.dense_grid
         why = None
         if cfg.family != "vit":
             why = f"the latency table measures ViT blocks, not {cfg.family}"
@@ -266,12 +269,12 @@ class Run:
             run["settings"]["target_metric"] = metric
             atomic_write_json(self.out / "run.json", run)
 
-    def latency_table(self, model):
+    def latency_table(self):
         """Measured once (rank 0) and shared: every rank must rank structures by the same table."""
         from .latency import LatencyTable
 
         s = self.s
-        cfg, grid = self._grid(model)
+        cfg, grid = self.dense_grid
         t0 = time.time()
         table = None
         if self.p.main:

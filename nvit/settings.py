@@ -245,7 +245,9 @@ def read_yaml(p: Path) -> dict:
     return y
 
 
-ROUNDED_KINDS = {"embed": "group_embed", "qk": "group_qk", "v": "group_v", "mlp": "group_mlp"}
+# The flag of each structure kind's group size; --round-to sets those of the dim kinds (not heads).
+GROUP_FLAGS = {"embed": "group_embed", "head": "group_heads", "qk": "group_qk", "v": "group_v", "mlp": "group_mlp"}
+ROUNDED_KINDS = {k: f for k, f in GROUP_FLAGS.items() if k != "head"}
 
 
 def round_to_groups(spec) -> dict:

@@ -29,7 +29,7 @@ Kinds (the method's structures)::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -83,13 +83,6 @@ class Slice:
         self.owned = self.index >= 0
         rows = self.head.clamp_min(0) if self.kind in (QK, V) else torch.zeros_like(self.index)
         self.table_at = (rows[self.owned], self.index[self.owned])
-
-
-def positions(n: int, index: torch.Tensor | int, head: torch.Tensor | int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index, head) of n positions from scalars or tensors (broadcast) -- a helper for families."""
-    idx = torch.as_tensor(index).long().expand(n).clone()
-    hd = torch.as_tensor(head).long().expand(n).clone()
-    return idx, hd
 
 
 @dataclass

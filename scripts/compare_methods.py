@@ -10,8 +10,8 @@ fine-tuned accuracy on a small task) and after fine-tuning, as mean ± standard 
 The whole Fashion-MNIST test split (10 000 images) instead of the shipped 1 500:
 
     apt-get install dataset-fashion-mnist
-    python scripts/make_fashion_subset.py --test-per-class 1000 --out /tmp/fmnist-fulltest.npz
-    python scripts/compare_methods.py --out runs/compare --embedded-data /tmp/fmnist-fulltest.npz
+    python scripts/make_fashion_subset.py --test-per-class 1000 --out runs/fmnist-fulltest.npz
+    python scripts/compare_methods.py --out runs/compare --embedded-data runs/fmnist-fulltest.npz
 
 Writes <out>/<method>/seed<k>/ (a full nvit.prune run each; finished runs are reused) and
 <out>/table.md + table.json.

@@ -60,33 +60,33 @@ def _image_folder(root, *, size, classes, train, val=4):
     return root
 
 
-def test_timm_model_on_image_folder(tmp_path):
+def _timm_run(tmp_path, name, *, size, classes, train, flags):
+    """A random-init timm model (depth 2) saved as a checkpoint, pruned by the CLI on a random image
+    folder; (0 or the exit status, the report or None, the run's folder)."""
     import timm
 
-    root = _image_folder(tmp_path / "data", size=32, classes=3, train=12)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=3, depth=2)
-    ck = tmp_path / "vit.safetensors"
+    root = _image_folder(tmp_path / "data", size=size, classes=classes, train=train)
+    model = timm.create_model(name, pretrained=False, img_size=size, num_classes=classes, depth=2)
+    ck = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ck))
     out = tmp_path / "run"
-    assert _run(["--model", "vit_tiny_patch16_224", "--checkpoint", ck, "--img-size", 32, "--data", root,
-                 "--out", out, *FAST, "--target", 0.6, "--target-metric", "params"]) == 0
-    r = json.loads((out / "report.json").read_text())
+    rc = _run(["--model", name, "--checkpoint", ck, "--img-size", size, "--data", root, "--out", out, *FAST, *flags])
+    return rc, json.loads((out / "report.json").read_text()) if rc == 0 else None, out
+
+
+def test_timm_model_on_image_folder(tmp_path):
+    rc, r, _ = _timm_run(tmp_path, "vit_tiny_patch16_224", size=32, classes=3, train=12,
+                         flags=["--target", 0.6, "--target-metric", "params"])
+    assert rc == 0
     assert r["data"]["kind"] == "image-folder" and r["model"]["model"] == "vit_tiny_patch16_224"
     assert r["pruned"]["params"] <= 0.6 * r["dense"]["params"]
 
 
 def test_eva02_model_end_to_end(tmp_path):
     """EVA-02 (rotary pairs, SwiGLU) through the CLI: pruned, converted, saved and reloaded."""
-    import timm
-
-    root = _image_folder(tmp_path / "data", size=28, classes=2, train=8)
-    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, num_classes=2, depth=2)
-    ck = tmp_path / "eva.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ck))
-    out = tmp_path / "run"
-    assert _run(["--model", "eva02_tiny_patch14_224", "--checkpoint", ck, "--img-size", 28, "--data", root,
-                 "--out", out, "--target", 0.6, "--target-metric", "flops", "--granularity", "per-head", *FAST]) == 0
-    r = json.loads((out / "report.json").read_text())
+    rc, r, out = _timm_run(tmp_path, "eva02_tiny_patch14_224", size=28, classes=2, train=8,
+                           flags=["--target", 0.6, "--target-metric", "flops", "--granularity", "per-head"])
+    assert rc == 0
     assert r["pruned"]["flops"] <= 0.6 * r["dense"]["flops"]
     back = nvit.load(out / "model")
     assert back.config.family == "eva" and back.config.rope_dim == 64

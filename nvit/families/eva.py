@@ -24,9 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..model import NViT, NViTConfig
-from ..spec import EMBED, HEAD, MLP, QK, V, BlockDims, Dims, Masks, Slice
-from .vit import ViTFamily, data_config
+from ..spec import HEAD, MLP, QK, V, BlockDims, Masks, Slice
+from .vit import ViTFamily
 
 
 class EvaFamily(ViTFamily):
@@ -109,11 +108,6 @@ class EvaFamily(ViTFamily):
         d = a.qkv.out_features // (3 * a.num_heads)
         return [d] * a.num_heads, [d] * a.num_heads
 
-    def scales(self) -> list[list[float]]:
-        if self.is_nvit:
-            return super().scales()
-        return [[float(b.attn.scale)] * b.attn.num_heads for b in self.model.blocks]
-
     def classifiers(self) -> list[str]:
         return ["head"] if isinstance(getattr(self.model, "head", None), nn.Linear) else []
 
@@ -160,30 +154,13 @@ class EvaFamily(ViTFamily):
             bc.qk_index = idx
         return blocks
 
-    def config(self, masks: Masks, provenance: dict | None = None) -> NViTConfig:
-        m = self.model
-        if self.is_nvit:
-            return super().config(masks, provenance)
-        blk0 = m.blocks[0]
-        img = m.patch_embed.img_size
-        if len(set(m.patch_embed.grid_size)) != 1:
+    def options(self) -> dict:
+        m, blk0 = self.model, self.model.blocks[0]
+        if len(set(m.patch_embed.grid_size)) != 1:  # the rotary table is stored for a square grid
             raise ValueError(f"nvit: only square patch grids convert (got {tuple(m.patch_embed.grid_size)})")
-        return NViTConfig(
-            img_size=img[0] if isinstance(img, (tuple, list)) else img,
-            patch_size=m.patch_embed.proj.kernel_size[0], in_chans=m.patch_embed.proj.in_channels,
-            num_classes=m.head.out_features if isinstance(m.head, nn.Linear) else 0,
-            embed_dim=int(masks.embed.sum()), blocks=self.block_configs(masks),
-            qkv_bias=blk0.attn.q_bias is not None or blk0.attn.qkv.bias is not None,
-            proj_bias=blk0.attn.proj.bias is not None,
-            layer_scale=blk0.gamma_1 is not None,
-            class_token=m.cls_token is not None, reg_tokens=0 if m.reg_token is None else m.reg_token.shape[1],
-            no_embed_class=bool(getattr(m, "no_embed_class", False)), global_pool=m.global_pool,
-            fc_norm=not isinstance(m.fc_norm, nn.Identity),
-            pre_norm=not isinstance(getattr(m, "norm_pre", nn.Identity()), nn.Identity),
-            final_norm=not isinstance(m.norm, nn.Identity) or not isinstance(m.fc_norm, nn.Identity),
-            norm_eps=float(blk0.norm1.eps), mlp_kind="swiglu" if self.swiglu else "gelu",
-            rope_dim=self.head_dims(blk0)[0][0] if self.rotary else 0,
-            provenance=provenance or {}, data=data_config(m))
+        return dict(qkv_bias=blk0.attn.q_bias is not None or blk0.attn.qkv.bias is not None,
+                    layer_scale=blk0.gamma_1 is not None, mlp_kind="swiglu" if self.swiglu else "gelu",
+                    rope_dim=self.head_dims(blk0)[0][0] if self.rotary else 0)
 
     def convert_state(self, sliced, masks, config):
         sd = super().convert_state(sliced, masks, config)

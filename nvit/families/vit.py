@@ -28,8 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..model import BlockConfig, NViT, NViTConfig
-from ..spec import (ATTN_BRANCH, EMBED, HEAD, MLP, MLP_BRANCH, QK, V, BlockDims, Dims, Family, Masks, Slice,
-                    positions)
+from ..spec import ATTN_BRANCH, EMBED, HEAD, MLP, MLP_BRANCH, QK, V, BlockDims, Dims, Family, Masks, Slice
 
 PREFIX_TOKENS = ("cls_token", "dist_token", "reg_token")
 
@@ -71,6 +70,7 @@ class ViTFamily(Family):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.is_nvit = isinstance(model, NViT)
+        self._names = {n for n, _ in model.named_parameters()}  # optional parameters (biases, LayerScale)
 
     @classmethod
     def timm_class(cls) -> type:
@@ -181,8 +181,6 @@ class ViTFamily(Family):
         return name in self._names
 
     def slices(self, dims: Dims) -> list[Slice]:
-        m = self.model
-        self._names = {n for n, _ in m.named_parameters()}
         D = dims.embed
         E = torch.arange(D)
         out: list[Slice] = []
@@ -239,7 +237,7 @@ class ViTFamily(Family):
 
     def block_slices(self, b: int, bd: BlockDims, p: str, E: torch.Tensor) -> list[Slice]:
         out = self.attention_slices(b, bd, p) + self.mlp_slices(b, bd, p)
-        branch0, _ = positions(len(E), 0)
+        branch0 = torch.zeros_like(E)  # every row writes the branch's one unit
         reads = [p + "norm1.weight", p + "norm1.bias", p + "norm2.weight", p + "norm2.bias"]
         for n in reads:
             if self._param(n):
@@ -276,23 +274,26 @@ class ViTFamily(Family):
             base = m.config.to_dict()
             base.update(embed_dim=int(masks.embed.sum()), blocks=blocks, provenance=provenance or base["provenance"])
             return type(m.config)(**base)
-        blk0 = m.blocks[0]
         img = m.patch_embed.img_size
         return NViTConfig(
             img_size=img[0] if isinstance(img, (tuple, list)) else img,
-            patch_size=m.patch_embed.proj.kernel_size[0],
-            in_chans=m.patch_embed.proj.in_channels,
+            patch_size=m.patch_embed.proj.kernel_size[0], in_chans=m.patch_embed.proj.in_channels,
             num_classes=m.head.out_features if isinstance(m.head, nn.Linear) else 0,
-            embed_dim=int(masks.embed.sum()), blocks=blocks,
-            qkv_bias=blk0.attn.qkv.bias is not None, proj_bias=blk0.attn.proj.bias is not None,
-            qk_norm=not self.qk_prunable(),
-            layer_scale=hasattr(blk0.ls1, "gamma"),
-            class_token=getattr(m, "cls_token", None) is not None, dist_token=getattr(m, "dist_token", None) is not None,
+            embed_dim=int(masks.embed.sum()), blocks=blocks, proj_bias=m.blocks[0].attn.proj.bias is not None,
+            class_token=getattr(m, "cls_token", None) is not None,
             reg_tokens=0 if getattr(m, "reg_token", None) is None else m.reg_token.shape[1],
-            no_embed_class=bool(m.no_embed_class), global_pool=m.global_pool,
-            fc_norm=not isinstance(m.fc_norm, nn.Identity), pre_norm=not isinstance(m.norm_pre, nn.Identity),
+            no_embed_class=bool(getattr(m, "no_embed_class", False)), global_pool=m.global_pool,
+            fc_norm=not isinstance(m.fc_norm, nn.Identity),
+            pre_norm=not isinstance(getattr(m, "norm_pre", nn.Identity()), nn.Identity),
             final_norm=not isinstance(m.norm, nn.Identity) or not isinstance(m.fc_norm, nn.Identity),
-            norm_eps=float(blk0.norm1.eps), provenance=provenance or {}, data=data_config(m))
+            norm_eps=float(m.blocks[0].norm1.eps), provenance=provenance or {}, data=data_config(m),
+            **self.options())
+
+    def options(self) -> dict:
+        """The converted model's options that this family reads its own way from the timm model."""
+        m, blk0 = self.model, self.model.blocks[0]
+        return dict(qkv_bias=blk0.attn.qkv.bias is not None, qk_norm=not self.qk_prunable(),
+                    layer_scale=hasattr(blk0.ls1, "gamma"), dist_token=getattr(m, "dist_token", None) is not None)
 
     def build(self, config: NViTConfig) -> nn.Module:
         return NViT(config)
