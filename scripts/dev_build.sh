@@ -9,8 +9,10 @@ exec 9>build/.dev-build.lock
 flock 9
 py=${PYTHON:-python}
 pb=$("$py" -c 'import pybind11; print(pybind11.get_cmake_dir())')
+# The digest of the sources, compiled in as pip's build does: the loader refuses a stale build.
+digest=$("$py" -c 'import pathlib, runpy; m = runpy.run_path("nvit_kernels/_sources.py"); print(m["source_digest"](pathlib.Path(".").resolve()))')
 cmake -S . -B build/dev -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/nvit_kernels" -DPython_EXECUTABLE="$(command -v "$py")" \
-  -Dpybind11_DIR="$pb" -DNVIT_CUDA_ARCHS="${NVIT_CUDA_ARCHS:-80;86;89;90}" \
+  -Dpybind11_DIR="$pb" -DNVIT_SOURCE_DIGEST="$digest" -DNVIT_CUDA_ARCHS="${NVIT_CUDA_ARCHS:-80;86;89;90}" \
   -DNVIT_NO_CUDA="$([ "${NVIT_NO_CUDA:-0}" != 0 ] && echo ON || echo OFF)" >/dev/null
 cmake --build build/dev --parallel "${NVIT_BUILD_JOBS:-2}"
