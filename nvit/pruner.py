@@ -75,6 +75,12 @@ class _Group:
     cost: float = 0.0
 
 
+def _reshaped(b: BlockConfig, qk: list[int], v: list[int], mlp: int, scales: list[float]) -> BlockConfig:
+    """`b` with other dims, of the same config class (a family's block config may carry more, e.g. a
+    Swin block its stage, which its cost reads); rotary source indices are dropped (costs ignore them)."""
+    return dataclasses.replace(b, qk_dims=qk, v_dims=v, mlp=mlp, scales=scales, qk_index=None)
+
+
 class Pruner:
     """Global Hessian-saliency pruner for timm ViT/DeiT models (and NViT models).
 
@@ -194,11 +200,11 @@ class Pruner:
             else:
                 qk = sorted(b.qk_dims)[:heads]
             v = [min(floor(d, "v") for d in b.v_dims)] * heads
-            blocks.append(BlockConfig([], [], 0, []) if self.branches
-                          else BlockConfig(qk, v, floor(b.mlp, "mlp"), b.scales[:heads]))
-        d = c.to_dict()
-        d.update(embed_dim=floor(c.embed_dim, "embed"), blocks=blocks)
-        return type(c)(**d)
+            blocks.append(_reshaped(b, [], [], 0, []) if self.branches
+                          else _reshaped(b, qk, v, floor(b.mlp, "mlp"), b.scales[:heads]))
+        fam = self.adapter.family
+        return fam.with_embed_widths(dataclasses.replace(c, blocks=blocks),
+                                     [floor(w, "embed") for w in fam.embed_widths(c)])
 
     def _block_metric(self, metric: str, cfg: NViTConfig, blk: BlockConfig) -> float:
         """The part of `metric` one block contributes (every metric is a sum over blocks plus terms
@@ -210,15 +216,17 @@ class Pruner:
     def _delta(self, metric: str, cfg: NViTConfig, kind: int, block: int, head: int) -> float:
         """Exact cost saved by removing one unit of `kind` at (block, head position) from `cfg`
         (head < 0: a QK/V unit shared by all heads). Block kinds recount only their block."""
-        if kind == EMBED:
-            if cfg.embed_dim <= 1:
+        if kind == EMBED:  # an embedding unit's block is its stage (-1: the one stream)
+            fam, stage = self.adapter.family, max(block, 0)
+            widths = fam.embed_widths(cfg)
+            if widths[stage] <= 1:
                 return 0.0  # not removable; guarded elsewhere
-            smaller = dataclasses.replace(cfg, embed_dim=cfg.embed_dim - 1)
-            return self._metric(metric, cfg) - self._metric(metric, smaller)
+            widths[stage] -= 1
+            return self._metric(metric, cfg) - self._metric(metric, fam.with_embed_widths(cfg, widths))
         b = cfg.blocks[block]
         qk, v, sc, mlp = list(b.qk_dims), list(b.v_dims), list(b.scales), b.mlp
         if kind in (ATTN_BRANCH, MLP_BRANCH):
-            rest = BlockConfig([], [], mlp, []) if kind == ATTN_BRANCH else BlockConfig(qk, v, 0, sc)
+            rest = _reshaped(b, [], [], mlp, []) if kind == ATTN_BRANCH else _reshaped(b, qk, v, 0, sc)
             return self._block_metric(metric, cfg, b) - self._block_metric(metric, cfg, rest)
         if kind == HEAD:
             del qk[head], v[head], sc[head]
@@ -230,7 +238,7 @@ class Pruner:
             mlp -= 1
         if not qk or min(qk + v + [mlp]) < 1:
             return 0.0
-        return self._block_metric(metric, cfg, b) - self._block_metric(metric, cfg, BlockConfig(qk, v, mlp, sc))
+        return self._block_metric(metric, cfg, b) - self._block_metric(metric, cfg, _reshaped(b, qk, v, mlp, sc))
 
     def _unit_deltas(self, metric: str) -> torch.Tensor:
         """ΔC per unit (float64, CPU) of `metric`, for the current masks: one exact delta per
@@ -283,8 +291,8 @@ class Pruner:
     def _remove(self, u: int) -> None:
         k, b, h, i = (int(t[u]) for t in (self.units.kind, self.units.block, self.units.head, self.units.index))
         M = self.masks
-        if k == EMBED:
-            M.embed[i] = False
+        if k == EMBED:  # the block of an embedding unit is its stage
+            M.embed_of(b)[i] = False
         elif k == ATTN_BRANCH:  # the whole branch: every head goes with it
             M.attn_on[b] = False
             M.heads[b][:] = False
@@ -379,12 +387,12 @@ class Pruner:
 
     def _allowed(self, g: _Group) -> bool:
         """Guards: never remove the last head, QK dim, V dim, MLP channel of a block (of a head in
-        per-head granularity), nor the last embedding channel; only a branch unit removes a whole branch."""
+        per-head granularity), nor the last embedding channel (of a stage); only a branch unit removes a whole branch."""
         M, n = self.masks, len(g.units)
         if g.kind == QK and not self.adapter.qk_prunable:
             return False  # q/k norm: removing a QK dim changes the other dims' normalisation
-        if g.kind == EMBED:
-            return int(M.embed.sum()) - n >= 1
+        if g.kind == EMBED:  # per stage
+            return int(M.embed_of(g.block).sum()) - n >= 1
         b = g.block
         if g.kind == ATTN_BRANCH:
             return bool(M.attn_on[b])

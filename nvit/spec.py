@@ -20,7 +20,9 @@ zeroing masks, conversion slicing, unit bookkeeping -- is derived here, the same
 
 Kinds (the method's structures)::
 
-    embed        one embedding channel (shared by every block through the residual stream)
+    embed        one embedding channel (shared by every block through the residual stream); a hierarchical
+                 model (Swin) has one embedding per stage: its units and slices carry the stage in `block`
+                 (a single-stream model's one embedding has block -1)
     head         one attention head of a block
     qk / v       one QK (V) unit of a head (per-head granularity) or of every head of a block (aligned);
                  a QK unit is `Family.qk_width` dims (2 for rotary embeddings: a rotated pair)
@@ -100,8 +102,16 @@ class BlockDims:
 
 @dataclass
 class Dims:
-    embed: int
+    """embed: the embedding width (one residual stream), or one width per stage (hierarchical models,
+    whose stage s's stream is linked to stage s+1's by a downsampling layer)."""
+
+    embed: int | list[int]
     blocks: list[BlockDims]
+
+    def embed_stages(self) -> list[tuple[int, int]]:
+        """(block key of the EMBED slices/units, width) per embedding: [(-1, D)] for one stream, else
+        [(s, D_s)] per stage."""
+        return list(enumerate(self.embed)) if isinstance(self.embed, (list, tuple)) else [(-1, self.embed)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,8 +119,8 @@ class Dims:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class UnitIndex:
-    """What each unit id is: kind, block (-1 for embedding), head (-1 where the unit spans heads or is
-    a head) and index within its head/block/embedding."""
+    """What each unit id is: kind, block (an embedding unit's: its stage, -1 in a single-stream model),
+    head (-1 where the unit spans heads or is a head) and index within its head/block/embedding."""
 
     kind: torch.Tensor
     block: torch.Tensor
@@ -139,7 +149,8 @@ class Units:
             rows.extend((kind, block, head, i) for i in range(n))
             return torch.arange(start, start + n)
 
-        self.tables[(EMBED, -1)] = take(EMBED, -1, -1, dims.embed)[None]
+        for key, width in dims.embed_stages():
+            self.tables[(EMBED, key)] = take(EMBED, key, -1, width)[None]
         for b, bd in enumerate(dims.blocks):
             H = bd.heads
             self.tables[(HEAD, b)] = take(HEAD, b, -1, H)[None]
@@ -178,13 +189,14 @@ class Units:
 class Masks:
     """Keep-masks (bool) of every structure, always stored per head.
 
-    embed [D]; per block: heads [H], qk [H, QK units], v [H, dv], mlp [M]; attn_on / mlp_on [depth]:
+    embed [D] (a hierarchical model: one [D_s] per stage, a list); per block: heads [H], qk [H, QK units],
+    v [H, dv], mlp [M]; attn_on / mlp_on [depth]:
     whether each block keeps its attention / MLP branch. A removed head's QK and V entries are False
     too, and so are all heads (all MLP channels) of a removed branch. In "aligned" granularity the
     qk/v rows of all alive heads are equal.
     """
 
-    embed: torch.Tensor
+    embed: torch.Tensor | list[torch.Tensor]
     heads: list[torch.Tensor]
     qk: list[torch.Tensor]
     v: list[torch.Tensor]
@@ -206,20 +218,32 @@ class Masks:
                 t[h, :k] = True
             return t
 
-        return cls(torch.ones(dims.embed, dtype=torch.bool),
+        embed = [torch.ones(w, dtype=torch.bool) for _, w in dims.embed_stages()]
+        return cls(embed if isinstance(dims.embed, (list, tuple)) else embed[0],
                    [torch.ones(b.heads, dtype=torch.bool) for b in dims.blocks],
                    [per_head(b.qk_units) for b in dims.blocks], [per_head(b.v_dims) for b in dims.blocks],
                    [torch.ones(b.mlp, dtype=torch.bool) for b in dims.blocks])
 
+    @property
+    def embeds(self) -> list[torch.Tensor]:
+        """The embedding mask of every stage (one for a single-stream model)."""
+        return list(self.embed) if isinstance(self.embed, (list, tuple)) else [self.embed]
+
+    def embed_of(self, block: int) -> torch.Tensor:
+        """The embedding mask that EMBED slices/units with this `block` key (the stage; -1: the one
+        stream) refer to."""
+        return self.embeds[max(block, 0)]
+
     def clone(self) -> "Masks":
-        return Masks(self.embed.clone(), [t.clone() for t in self.heads], [t.clone() for t in self.qk],
-                     [t.clone() for t in self.v], [t.clone() for t in self.mlp], self.attn_on.clone(),
-                     self.mlp_on.clone())
+        embed = [t.clone() for t in self.embeds]
+        return Masks(embed if isinstance(self.embed, (list, tuple)) else embed[0], [t.clone() for t in self.heads],
+                     [t.clone() for t in self.qk], [t.clone() for t in self.v], [t.clone() for t in self.mlp],
+                     self.attn_on.clone(), self.mlp_on.clone())
 
     def table(self, kind: int, block: int) -> torch.Tensor:
         """Alive flags in the layout of Units.tables (rows: heads for QK/V, else one row)."""
         if kind == EMBED:
-            return self.embed[None]
+            return self.embed_of(block)[None]
         if kind == HEAD:
             return self.heads[block][None]
         if kind in (QK, V):
@@ -243,7 +267,10 @@ class Masks:
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        d = {"embed": self.embed, "attn_on": self.attn_on, "mlp_on": self.mlp_on}
+        # one stream: "embed" (the layout of every masks file so far); per stage: "embed.0", "embed.1", …
+        d = {"embed": self.embed} if not isinstance(self.embed, (list, tuple)) else \
+            {f"embed.{s}": t for s, t in enumerate(self.embed)}
+        d.update({"attn_on": self.attn_on, "mlp_on": self.mlp_on})
         for i in range(len(self.heads)):
             d.update({f"heads.{i}": self.heads[i], f"qk.{i}": self.qk[i], f"v.{i}": self.v[i],
                       f"mlp.{i}": self.mlp[i]})
@@ -254,7 +281,9 @@ class Masks:
         n = sum(1 for k in d if k.startswith("heads."))
         g = lambda k: [d[f"{k}.{i}"].bool() for i in range(n)]  # noqa: E731
         on = lambda k: d[k].bool() if k in d else None  # noqa: E731  (masks saved before branches existed)
-        return cls(d["embed"].bool(), g("heads"), g("qk"), g("v"), g("mlp"), on("attn_on"), on("mlp_on"))
+        embed = d["embed"].bool() if "embed" in d else \
+            [d[f"embed.{s}"].bool() for s in range(sum(1 for k in d if k.startswith("embed.")))]
+        return cls(embed, g("heads"), g("qk"), g("v"), g("mlp"), on("attn_on"), on("mlp_on"))
 
     def equal(self, other: "Masks") -> bool:
         a, b = self.state_dict(), other.state_dict()
@@ -290,8 +319,10 @@ class Family:
         branches are not ranked)."""
         raise NotImplementedError
 
-    def embed_norms(self) -> list[tuple[nn.Module, str]]:
-        """(parent, attribute) of every LayerNorm over the embedding (normalised over kept channels)."""
+    def embed_norms(self) -> list[tuple]:
+        """(parent, attribute) of every LayerNorm over the embedding (normalised over kept channels);
+        in a hierarchical model (parent, attribute, stage), the norm's width a multiple of the stage's
+        (a patch-merging norm over k neighbours' channels: position j·D_s + c is channel c)."""
         return []
 
     def qk_prunable(self) -> bool:
@@ -306,6 +337,16 @@ class Family:
         """The converted model's architecture for these masks: a dataclass with `embed_dim`, `blocks`
         (nvit.model.BlockConfig per block) and `family` (an NViTConfig for the built-in families)."""
         raise NotImplementedError
+
+    def embed_widths(self, config) -> list[int]:
+        """The embedding width of every stage of a converted architecture (one for a single stream)."""
+        return [config.embed_dim]
+
+    def with_embed_widths(self, config, widths: list[int]):
+        """`config` with these embedding widths (what embed_widths reads)."""
+        import dataclasses
+
+        return dataclasses.replace(config, embed_dim=widths[0])
 
     def cost(self, metric: str, config) -> float:
         """Params or FLOPs ("params" | "flops", FlopCounterMode's convention) of the converted model."""

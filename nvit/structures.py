@@ -78,10 +78,18 @@ class Adapter:
         return Masks.full(self.dims)
 
     def install_norms(self, masks: Masks) -> None:
-        """Wrap (or refresh) every embedding LayerNorm so it normalises over kept channels."""
-        keep = masks.embed.float().to(next(iter(self.params.values())).device)
-        for parent, n in self.family.embed_norms():
+        """Wrap (or refresh) every embedding LayerNorm so it normalises over kept channels (a norm over
+        k·D_s channels of stage s, e.g. patch merging's, keeps position j·D_s + c with channel c)."""
+        device = next(iter(self.params.values())).device
+        stages = [m.float().to(device) for m in masks.embeds]
+        for parent, n, *stage in self.family.embed_norms():
             mod = getattr(parent, n)
+            keep = stages[stage[0] if stage else 0]
+            width = mod.normalized_shape[-1]
+            if width % keep.numel():
+                raise ValueError(f"nvit: LayerNorm {n} over {width} channels is not a multiple of its stage's "
+                                 f"{keep.numel()} embedding channels")
+            keep = keep.repeat(width // keep.numel())
             if isinstance(mod, KeptLayerNorm):
                 mod.keep.copy_(keep)
                 mod.n_kept = int(keep.sum())

@@ -235,22 +235,23 @@ class ViTFamily(Family):
             out.append(Slice(p + "mlp.fc1.bias", 0, MLP, b, M))
         return out
 
-    def block_slices(self, b: int, bd: BlockDims, p: str, E: torch.Tensor) -> list[Slice]:
+    def block_slices(self, b: int, bd: BlockDims, p: str, E: torch.Tensor, stage: int = -1) -> list[Slice]:
+        """One pre-norm block's slices; `stage`: the embedding the block's stream is (-1: the one stream)."""
         out = self.attention_slices(b, bd, p) + self.mlp_slices(b, bd, p)
         branch0 = torch.zeros_like(E)  # every row writes the branch's one unit
         reads = [p + "norm1.weight", p + "norm1.bias", p + "norm2.weight", p + "norm2.bias"]
         for n in reads:
             if self._param(n):
-                out.append(Slice(n, 0, EMBED, -1, E, writes=True))
+                out.append(Slice(n, 0, EMBED, stage, E, writes=True))
         for n in (p + "attn.qkv.weight", p + "mlp.fc1.weight"):
-            out.append(Slice(n, -1, EMBED, -1, E))
+            out.append(Slice(n, -1, EMBED, stage, E))
         for n, branch in ((p + "attn.proj.weight", ATTN_BRANCH), (p + "attn.proj.bias", ATTN_BRANCH),
                           (p + "mlp.fc2.weight", MLP_BRANCH), (p + "mlp.fc2.bias", MLP_BRANCH)):
             if self._param(n):
-                out += [Slice(n, 0, EMBED, -1, E, writes=True), Slice(n, 0, branch, b, branch0, writes=True)]
+                out += [Slice(n, 0, EMBED, stage, E, writes=True), Slice(n, 0, branch, b, branch0, writes=True)]
         for n in self.layer_scales(p):
             if self._param(n):
-                out.append(Slice(n, 0, EMBED, -1, E))
+                out.append(Slice(n, 0, EMBED, stage, E))
         return out
 
     def layer_scales(self, p: str) -> list[str]:
