@@ -5,7 +5,12 @@ dim, per-head V dim, MLP width — for a fixed token count, batch size, dtype an
 points it is interpolated multilinearly. A pre-norm block runs its attention branch and then its MLP
 branch, so its latency is the sum of the two: each branch is measured on its own axes (attention:
 embedding × heads × QK × V; MLP: embedding × MLP) and the table holds the sums -- the paper's 5-point
-grid then takes 390 measurements instead of 1875, and a block without a branch is measured too. A model's latency is the sum of its blocks' latencies: the
+grid then takes 390 measurements instead of 1875, and a block without a branch is measured too.
+A branch timed alone runs faster than inside a whole block (on a 2-core CPU the sum of the two
+underpredicted whole blocks by 12-16 %: the block's second branch no longer finds its input and
+allocations where the lone branch left them), so the sums are calibrated by one factor: whole blocks
+are timed at a few grid points (:data:`CALIBRATION_POINTS`) and the table is scaled so that it
+predicts their total. A model's latency is the sum of its blocks' latencies: the
 stem (patch embedding, tokens) and the head (final norm, classifier) are ignored, as in the paper
 (pruning does not change them except through the embedding width, and they are small).
 
@@ -37,7 +42,11 @@ from .model import BlockConfig, NViTBlock, NViTConfig
 __all__ = ["AXES", "LatencyGrid", "LatencyTable", "default_grid", "default_cache_dir", "device_name"]
 
 AXES = ("embed", "heads", "qk", "v", "mlp")
-FORMAT_VERSION = 2  # bump when what is measured changes (invalidates every cached table); 2: branch sums
+FORMAT_VERSION = 3  # bump when what is measured changes (invalidates every cached table); 2: branch sums;
+# 3: branch sums calibrated against whole blocks
+# Where whole blocks are timed to calibrate the branch sums: the grid's top corner (the dense block)
+# and its centre (each axis's middle value: a typical pruned block).
+CALIBRATION_POINTS = ("top", "centre")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,6 +239,25 @@ def _time_block(block: torch.nn.Module, x: torch.Tensor, *, warmup: int, repeats
     return min(times) if statistic == "min" else statistics.median(times)
 
 
+def _calibrate(grid: LatencyGrid, branch_sums: np.ndarray, inputs: dict[int, torch.Tensor], *, device, dtype,
+               warmup: int, repeats: int, statistic: str) -> dict:
+    """Whole blocks timed at CALIBRATION_POINTS (inference mode, the inputs the branches had): the factor
+    that makes the branch sums predict their total, and the points with both figures."""
+    centre = tuple(len(a) // 2 for a in grid.axes)
+    top = tuple(len(a) - 1 for a in grid.axes)
+    points, whole, summed = [], 0.0, 0.0
+    for idx in dict.fromkeys(top if p == "top" else centre for p in CALIBRATION_POINTS):  # unique, in order
+        embed, heads, qk, v, mlp = (a[i] for a, i in zip(grid.axes, idx))
+        block = NViTBlock(embed, BlockConfig([qk] * heads, [v] * heads, mlp, [qk ** -0.5] * heads))
+        block = block.to(device=device, dtype=dtype).eval()
+        with torch.inference_mode():
+            t = _time_block(block, inputs[embed], warmup=warmup, repeats=repeats, statistic=statistic)
+        points.append({"point": [embed, heads, qk, v, mlp], "block_s": t, "branches_s": float(branch_sums[idx])})
+        whole += t
+        summed += float(branch_sums[idx])
+    return {"factor": whole / summed if summed > 0 else 1.0, "points": points}
+
+
 # --------------------------------------------------------------------------------------------------
 # Table
 # --------------------------------------------------------------------------------------------------
@@ -256,7 +284,9 @@ class LatencyTable:
                 extra_key: Mapping[str, Any] | None = None, statistic: str = "median",
                 progress: bool = True) -> "LatencyTable":
         """One NViT block's forward latency at every grid point: its attention branch and its MLP branch
-        each timed (median of `repeats` after `warmup` calls) on their own axes, and summed.
+        each timed (median of `repeats` after `warmup` calls) on their own axes, and summed; the sums
+        scaled by one factor so that they predict whole blocks timed at CALIBRATION_POINTS
+        (meta["calibration"]: the factor and each point's whole-block and branch-sum times).
 
         Branches have `heads` equal heads of `qk`/`v` dims, scale qk^-0.5, run in eval mode under
         inference_mode on a random [batch_size, tokens, embed] input. Defaults: warmup 1 / repeats 3
@@ -307,7 +337,11 @@ class LatencyTable:
         values = np.zeros(grid.shape)
         for idx, (embed, heads, qk, v, mlp) in grid.points():
             values[idx] = timed[("attn", embed, heads, qk, v)] + timed[("mlp", embed, mlp)]
-        meta = dict(key, warmup=warmup, repeats=repeats, measure_seconds=round(time.perf_counter() - t_start, 3),
+        calibration = _calibrate(grid, values, inputs, device=device, dtype=dtype, warmup=warmup,
+                                 repeats=repeats, statistic=statistic)
+        values *= calibration["factor"]
+        meta = dict(key, warmup=warmup, repeats=repeats, calibration=calibration,
+                    measure_seconds=round(time.perf_counter() - t_start, 3),
                     measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         table = cls(grid=grid, values=values, meta=meta)
         if use_cache:

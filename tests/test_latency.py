@@ -12,7 +12,8 @@ from nvit.model import BlockConfig, NViTConfig
 
 GRID = LatencyGrid(embed=[8, 16, 32], heads=[1, 2], qk=[1, 4], v=[1, 2, 8], mlp=[1, 16])
 TINY = LatencyGrid(embed=[4, 8], heads=[1, 2], qk=[1, 3], v=[1, 2], mlp=[1, 8])
-TINY_CALLS = 2 * (2 * 2 * 2) + 2 * 2  # branch measurements: attention (embed × heads × qk × v), MLP (embed × mlp)
+BRANCH_CALLS = 2 * (2 * 2 * 2) + 2 * 2  # branch measurements: attention (embed × heads × qk × v), MLP (embed × mlp)
+TINY_CALLS = BRANCH_CALLS + 1  # + one whole block to calibrate (TINY's centre is its top corner)
 
 
 def _table_from(fn, grid=GRID) -> LatencyTable:
@@ -144,13 +145,16 @@ def test_dict_and_file_roundtrip(tmp_path):
 class FakeTimer:
     """Stands in for the timer: counts calls, checks the block/input built, returns a known 'latency'."""
 
-    def __init__(self):
+    def __init__(self, whole_block_factor: float = 1.0):
         self.calls = 0
+        self.whole_block_factor = whole_block_factor  # a whole block "runs" this much slower than its branches
+        self.whole_blocks = 0
 
     def __call__(self, block, x, *, warmup, repeats, statistic="median"):
         self.calls += 1
         embed = x.shape[-1]
-        assert block.has_attn != block.has_mlp  # one branch at a time
+        whole = block.has_attn and block.has_mlp  # a calibration point; else one branch at a time
+        self.whole_blocks += whole
         a = block.attn if block.has_attn else None
         cfg = BlockConfig(a.qk_dims if a else [], a.v_dims if a else [],
                           block.mlp.fc1.out_features if block.has_mlp else 0, a.scales if a else [])
@@ -158,7 +162,7 @@ class FakeTimer:
         if a:
             assert len(set(cfg.qk_dims)) == 1 and len(set(cfg.v_dims)) == 1
             assert cfg.scales == [cfg.qk_dims[0] ** -0.5] * cfg.heads
-        return 1e-9 * block_params(embed, cfg)
+        return 1e-9 * block_params(embed, cfg) * (self.whole_block_factor if whole else 1.0)
 
 
 @pytest.fixture
@@ -179,10 +183,24 @@ def test_measure_fills_each_point_with_its_block(tmp_path, fake_timer):
     (the fake timer returns 1e-9 × the parameters of what it times: the two branches sum to the block)."""
     t = _measure(tmp_path)
     E, Hs, Qs, Vs, Ms = TINY.axes
-    assert fake_timer.calls == TINY_CALLS == len(E) * (len(Hs) * len(Qs) * len(Vs) + len(Ms)) < TINY.size
+    assert fake_timer.calls - fake_timer.whole_blocks == BRANCH_CALLS == len(E) * (len(Hs) * len(Qs) * len(Vs) + len(Ms))
+    assert fake_timer.calls == TINY_CALLS < TINY.size
     for idx, (e, h, q, v, m) in TINY.points():
         assert t.values[idx] == pytest.approx(1e-9 * block_params(e, BlockConfig([q] * h, [v] * h, m, [1.0] * h)))
     assert t.meta["tokens"] == 5 and t.meta["batch_size"] == 2 and t.meta["dtype"] == "float32"
+
+
+def test_branch_sums_calibrated_against_whole_blocks(tmp_path, monkeypatch):
+    """Whole blocks timed 1.25× slower than their branches' sum: every point is scaled by 1.25, and the
+    calibration (factor, points with both figures) is recorded; the top corner and the centre are timed."""
+    ft = FakeTimer(whole_block_factor=1.25)
+    monkeypatch.setattr(lat, "_time_block", ft)
+    t = LatencyTable.measure(GRID, tokens=5, batch_size=2, cache_dir=tmp_path, progress=False)
+    cal = t.meta["calibration"]
+    assert ft.whole_blocks == 2 and cal["factor"] == pytest.approx(1.25)
+    assert [p["point"] for p in cal["points"]] == [[32, 2, 4, 8, 16], [16, 2, 4, 2, 16]]
+    for idx, (e, h, q, v, m) in GRID.points():
+        assert t.values[idx] == pytest.approx(1.25e-9 * block_params(e, BlockConfig([q] * h, [v] * h, m, [1.0] * h)))
 
 
 def test_cache_hit_does_not_remeasure(tmp_path, fake_timer):
