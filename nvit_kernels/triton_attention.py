@@ -267,7 +267,9 @@ def _launch_args(qkv, qk_dims, v_dims, scales, bucketed):
         yield heads, _tables(heads, qk_dims, v_dims, scales, qkv.device), bdq, bdv
 
 
-def forward(qkv: torch.Tensor, qk_dims, v_dims, scales, bucketed: bool = False) -> torch.Tensor:
+def forward(qkv: torch.Tensor, qk_dims, v_dims, scales, bucketed: bool = False, bias=None, mask=None) -> torch.Tensor:
+    if bias is not None or mask is not None:
+        raise NotImplementedError("nvit: uneven_attention: the Triton kernels take no bias/mask yet")
     B, N, W = qkv.shape
     OW = sum(v_dims)
     out = torch.empty((B, N, OW), dtype=qkv.dtype, device=qkv.device)
@@ -281,7 +283,10 @@ def forward(qkv: torch.Tensor, qk_dims, v_dims, scales, bucketed: bool = False) 
 
 
 def backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, qk_dims, v_dims, scales,
-             bucketed: bool = False) -> torch.Tensor:
+             bucketed: bool = False, bias=None, mask=None):
+    """(grad_qkv, grad_bias or None)."""
+    if bias is not None or mask is not None:
+        raise NotImplementedError("nvit: uneven_attention: the Triton kernels take no bias/mask yet")
     B, N, W = qkv.shape
     OW = sum(v_dims)
     grad_out = grad_out.to(qkv.dtype).contiguous()
@@ -297,4 +302,4 @@ def backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, qk_di
         _bwd_stats_kernel[(triton.cdiv(N, bm), B * hb)](qkv, out, grad_out, lse, delta, *tabs, hb, N, W, OW, **common)
         _bwd_dkdv_kernel[(triton.cdiv(N, bn), B * hb)](qkv, grad_out, gqkv, lse, delta, *tabs, hb, N, W, OW, **common)
         _bwd_dq_kernel[(triton.cdiv(N, bm), B * hb)](qkv, grad_out, gqkv, lse, delta, *tabs, hb, N, W, OW, **common)
-    return gqkv
+    return gqkv, None

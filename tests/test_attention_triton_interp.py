@@ -70,7 +70,7 @@ def _run_checks() -> list[dict]:
             gtol = (2e-5 if dtype == torch.float32 else 2e-2) * max(1.0, x64.grad.abs().max().item())
             results.append(dict(case=f"bwd {dtype} qk={qk} v={vd} B={b} N={n}", err=gerr, tol=gtol, ok=gerr <= gtol))
             if ci == 2 and dtype == torch.float32:
-                gb = triton_attention.backward(gout.to(dtype), x, out.detach(), qk, vd, sc, bucketed=True)
+                gb = triton_attention.backward(gout.to(dtype), x, out.detach(), qk, vd, sc, bucketed=True)[0]
                 berr = (gb.double() - x64.grad).abs().max().item()
                 results.append(dict(case=f"bwd-bucketed {dtype} qk={qk} v={vd} B={b} N={n}",
                                     err=berr, tol=gtol, ok=berr <= gtol))
