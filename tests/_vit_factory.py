@@ -34,8 +34,9 @@ def random_masks(adapter, granularity: str, seed: int = 0, p: float = 0.35, bran
     loses its whole attention branch and the last block its whole MLP branch."""
     g = torch.Generator().manual_seed(seed)
     M = adapter.full_masks()
-    M.embed &= torch.rand(M.embed.shape, generator=g) > p
-    M.embed[0] = True
+    for e in M.embeds:  # one embedding, or one per stage (Swin)
+        e &= torch.rand(e.shape, generator=g) > p
+        e[0] = True
     for b in range(len(M.heads)):
         H, dqk = M.qk[b].shape
         dv = M.v[b].shape[1]

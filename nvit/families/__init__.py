@@ -8,9 +8,10 @@ import torch.nn as nn
 
 from ..spec import Family, UnsupportedModelError
 from .eva import EvaFamily
+from .swin import SwinFamily
 from .vit import ViTFamily
 
-FAMILIES: list[type[Family]] = [ViTFamily, EvaFamily]
+FAMILIES: list[type[Family]] = [ViTFamily, EvaFamily, SwinFamily]
 
 
 def family_of(model: nn.Module, families: list[type[Family]] | None = None) -> Family:
@@ -25,5 +26,6 @@ def family_of(model: nn.Module, families: list[type[Family]] | None = None) -> F
             return fam
     names = ", ".join(c.name for c in families or FAMILIES)
     raise UnsupportedModelError(
-        f"nvit prunes timm VisionTransformer (vit_*, deit_*), timm Eva (eva02_*) and NViT models (families: "
+        f"nvit prunes timm VisionTransformer (vit_*, deit_*), timm Eva (eva02_*), timm SwinTransformer (swin_*) and "
+        f"NViT models (families: "
         f"{names}); got {type(model).__name__}")

@@ -1,0 +1,354 @@
+"""NViT-Swin: a pruned timm Swin Transformer (v1) -- every block its own heads, per-head QK and V dims
+and MLP width, every stage its own embedding width -- and its exact analytic cost.
+
+It computes what timm's ``SwinTransformer`` computes (shifted windows, their masks, zero padding of
+feature maps not divisible by the window, patch merging), with parameter names mirroring timm's
+(layers.s.downsample.{norm,reduction}, layers.s.blocks.i.attn.{qkv,proj,relative_position_bias_table},
+...), so the Swin family's declaration (nvit/families/swin.py) prunes it again. As in NViT, the qkv
+Linear's rows are packed per head [q_h k_h v_h]; each head keeps its column of the relative position
+bias table. The window attention is one ``uneven_attention`` call per block with the gathered bias
+[H, N, N] and the shift mask [nW, N, N].
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nvit_kernels.attention import uneven_attention
+
+from .cost import attention_flops  # also registers the attention op's FLOP formula with FlopCounterMode
+from .model import BlockConfig, Mlp
+
+
+@dataclass
+class SwinBlockConfig(BlockConfig):
+    stage: int = 0  # which stage (embedding width, feature-map size, window) the block is in
+
+
+@dataclass
+class NViTSwinConfig:
+    """Everything needed to rebuild an NViT-Swin model (stored as config.json)."""
+
+    img_size: list[int]          # [H, W]
+    patch_size: int
+    in_chans: int
+    num_classes: int
+    embed_dims: list[int]        # per stage
+    blocks: list[SwinBlockConfig]
+    window_sizes: list[list[int]]  # per stage: the source model's window [h, w] (clipped to small maps)
+    qkv_bias: bool = True
+    patch_norm: bool = True
+    norm_eps: float = 1e-5
+    provenance: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # as NViTConfig.data
+
+    def __post_init__(self):
+        if isinstance(self.img_size, int):
+            self.img_size = [self.img_size, self.img_size]
+        self.img_size = [int(v) for v in self.img_size]
+        self.window_sizes = [[int(w), int(w)] if isinstance(w, int) else [int(v) for v in w] for w in self.window_sizes]
+        self.blocks = [b if isinstance(b, SwinBlockConfig) else SwinBlockConfig(**b) for b in self.blocks]
+        S = len(self.embed_dims)
+        stages = [b.stage for b in self.blocks]
+        if S < 1 or len(self.window_sizes) != S or min(self.embed_dims) < 1:
+            raise ValueError(f"nvit: a Swin config needs one embedding width ≥1 and one window per stage; got "
+                             f"embed_dims={self.embed_dims}, window_sizes={self.window_sizes}")
+        if stages != sorted(stages) or (stages and not (0 <= stages[0] and stages[-1] < S)):
+            raise ValueError(f"nvit: Swin blocks must be listed stage by stage within 0..{S - 1}, got stages {stages}")
+
+    @property
+    def family(self) -> str:
+        return "swin"
+
+    @property
+    def embed_dim(self) -> int:
+        """The width the classifier reads (the last stage's; timm's num_features)."""
+        return self.embed_dims[-1]
+
+    @property
+    def depths(self) -> list[int]:
+        return [sum(1 for b in self.blocks if b.stage == s) for s in range(len(self.embed_dims))]
+
+    def resolution(self, stage: int) -> tuple[int, int]:
+        """The stage's feature map (patch merging halves it, rounding up: odd maps are zero-padded)."""
+        r = (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+        for _ in range(stage):
+            r = ((r[0] + 1) // 2, (r[1] + 1) // 2)
+        return r
+
+    def geometry(self, index: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """(feature map, window, shift) of block `index`, as timm's SwinTransformerBlock derives them:
+        a window larger than the map shrinks to it (and then does not shift); odd blocks of a stage shift
+        by half the stage's window."""
+        b = self.blocks[index]
+        res, target, window = self.resolution(b.stage), self.window_sizes[b.stage], self.window(b.stage)
+        shifted = sum(1 for c in self.blocks[:index] if c.stage == b.stage) % 2 == 1
+        shift = tuple(0 if (r <= w or not shifted) else t // 2 for r, w, t in zip(res, window, target))
+        return res, window, shift
+
+    def window(self, stage: int) -> tuple[int, int]:
+        """The stage's window: the source's, shrunk to the feature map where that is smaller."""
+        return tuple(r if r <= w else w for r, w in zip(self.resolution(stage), self.window_sizes[stage]))
+
+    def pretrained_cfg(self) -> dict:
+        from .model import NViTConfig
+
+        cfg = NViTConfig.pretrained_cfg(self)  # the same preprocessing keys; only the input size and head differ
+        cfg.update(input_size=[self.in_chans, *self.img_size], classifier="head.fc")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NViTSwinConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"nvit: unknown Swin config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Windows (timm's layout: an image's windows row-major, images major)
+# --------------------------------------------------------------------------------------------------
+def window_partition(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """[B, H, W, C] → [B·nW, wh·ww, C]."""
+    B, H, W, C = x.shape
+    wh, ww = window
+    x = x.view(B, H // wh, wh, W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, C)
+
+
+def window_reverse(windows: torch.Tensor, window: tuple[int, int], H: int, W: int) -> torch.Tensor:
+    """[B·nW, wh·ww, C] → [B, H, W, C]."""
+    wh, ww = window
+    C = windows.shape[-1]
+    x = windows.view(-1, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, H, W, C)
+
+
+def relative_position_index(wh: int, ww: int) -> torch.Tensor:
+    """[N, N]: the bias table row of each (query, key) pair of a window (timm's index)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
+
+
+def shift_mask(res: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor | None:
+    """[nW, N, N] additive mask of a shifted block (0 within a region, -100 across regions, as timm),
+    over the map padded to whole windows; None for an unshifted block."""
+    if not any(shift):
+        return None
+    (wh, ww), (sh, sw) = window, shift
+    H, W = math.ceil(res[0] / wh) * wh, math.ceil(res[1] / ww) * ww
+    img = torch.zeros(1, H, W, 1)
+    cnt = 0
+    for h in ((0, -wh), (-wh, -sh), (-sh, None)):
+        for w in ((0, -ww), (-ww, -sw), (-sw, None)):
+            img[:, h[0]:h[1], w[0]:w[1], :] = cnt
+            cnt += 1
+    win = window_partition(img, window).squeeze(-1)
+    m = win[:, None, :] - win[:, :, None]
+    return m.masked_fill(m != 0, -100.0).masked_fill(m == 0, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------
+class UnevenWindowAttention(nn.Module):
+    """Window attention whose heads each have their own QK and V dims and relative position bias column."""
+
+    def __init__(self, dim: int, cfg: BlockConfig, window: tuple[int, int], qkv_bias: bool):
+        super().__init__()
+        self.qk_dims, self.v_dims, self.scales = list(cfg.qk_dims), list(cfg.v_dims), list(cfg.scales)
+        self.window = window
+        self.qkv = nn.Linear(dim, cfg.qkv_out, bias=qkv_bias)
+        self.proj = nn.Linear(sum(cfg.v_dims), dim)
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1), cfg.heads))
+        self.register_buffer("relative_position_index", relative_position_index(*window), persistent=False)
+
+    def position_bias(self) -> torch.Tensor:
+        """[H, N, N]: each head's bias column gathered for every (query, key) pair."""
+        N = self.window[0] * self.window[1]
+        b = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return b.view(N, N, -1).permute(2, 0, 1).contiguous()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        out = uneven_attention(self.qkv(x), self.qk_dims, self.v_dims, self.scales, bias=self.position_bias(),
+                               mask=mask)
+        return self.proj(out)
+
+
+class SwinBlock(nn.Module):
+    """timm's SwinTransformerBlock: (shifted) window attention on norm1's output, then the MLP; a branch
+    whose structures were all removed is absent."""
+
+    def __init__(self, dim: int, cfg: BlockConfig, geometry, qkv_bias: bool, norm_eps: float):
+        super().__init__()
+        self.resolution, self.window, self.shift = geometry
+        self.has_attn, self.has_mlp = cfg.has_attn, cfg.has_mlp
+        if self.has_attn:
+            self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+            self.attn = UnevenWindowAttention(dim, cfg, self.window, qkv_bias)
+            self.register_buffer("attn_mask", shift_mask(self.resolution, self.window, self.shift), persistent=False)
+        if self.has_mlp:
+            self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+            self.mlp = Mlp(dim, cfg.mlp)
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        _, H, W, _ = x.shape
+        (wh, ww), (sh, sw) = self.window, self.shift
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        x = F.pad(x, (0, 0, 0, (ww - W % ww) % ww, 0, (wh - H % wh) % wh))  # zeros, after norm1 (as timm)
+        Hp, Wp = x.shape[1], x.shape[2]
+        y = window_reverse(self.attn(window_partition(x, self.window), self.attn_mask), self.window, Hp, Wp)
+        y = y[:, :H, :W, :]
+        return torch.roll(y, shifts=(sh, sw), dims=(1, 2)) if (sh or sw) else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.has_attn:
+            x = x + self._attn(self.norm1(x))
+        if self.has_mlp:
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class PatchMerging(nn.Module):
+    """timm's: each 2×2 neighbourhood's channels side by side (position j·C + c, j = 2·col + row), a
+    LayerNorm over the 4C, a Linear to the next stage's width (no bias). Odd maps are zero-padded."""
+
+    def __init__(self, dim: int, out_dim: int, norm_eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim, eps=norm_eps)
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        H, W = x.shape[1], x.shape[2]
+        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduction(self.norm(x))
+
+
+class SwinStage(nn.Module):
+    def __init__(self, downsample: nn.Module, blocks: list[nn.Module]):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.blocks(self.downsample(x))
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d patches → NHWC, then (timm's patch_norm) a LayerNorm."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int, norm: bool, eps: float):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size)
+        self.norm = nn.LayerNorm(dim, eps=eps) if norm else nn.Identity()
+
+    def forward(self, x):
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class ClassifierHead(nn.Module):
+    """Average over the map, then fc (timm's ClassifierHead with pool 'avg')."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x):
+        return self.fc(x.mean(dim=(1, 2)))
+
+
+class NViTSwin(nn.Module):
+    """A pruned Swin Transformer with an irregular architecture (see NViTSwinConfig)."""
+
+    def __init__(self, config: NViTSwinConfig):
+        super().__init__()
+        c = self.config = config
+        self.pretrained_cfg = c.pretrained_cfg()
+        D = c.embed_dims
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, D[0], c.patch_norm, c.norm_eps)
+        stages = []
+        for s in range(len(D)):
+            blocks = [SwinBlock(D[s], b, c.geometry(i), c.qkv_bias, c.norm_eps)
+                      for i, b in enumerate(c.blocks) if b.stage == s]
+            down = PatchMerging(D[s - 1], D[s], c.norm_eps) if s > 0 else nn.Identity()
+            stages.append(SwinStage(down, blocks))
+        self.layers = nn.Sequential(*stages)
+        self.norm = nn.LayerNorm(D[-1], eps=c.norm_eps)
+        self.head = ClassifierHead(D[-1], c.num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.layers(self.patch_embed(x)))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost: params and matmul FLOPs (FlopCounterMode's convention, as nvit.cost)
+# --------------------------------------------------------------------------------------------------
+def _windows(config: NViTSwinConfig, stage: int) -> tuple[int, int, int]:
+    """(windows per image, tokens per window, map tokens) of a stage (the padded map is nW·N tokens)."""
+    res, window = config.resolution(stage), config.window(stage)
+    nw = math.ceil(res[0] / window[0]) * math.ceil(res[1] / window[1])
+    return nw, window[0] * window[1], res[0] * res[1]
+
+
+def block_params(config: NViTSwinConfig, b: SwinBlockConfig) -> int:
+    D = config.embed_dims[b.stage]
+    wh, ww = config.window(b.stage)
+    attn = (2 * D + D * b.qkv_out + (b.qkv_out if config.qkv_bias else 0) + sum(b.v_dims) * D + D
+            + (2 * wh - 1) * (2 * ww - 1) * b.heads)
+    mlp = 2 * D + D * b.mlp + b.mlp + b.mlp * D + D
+    return (attn if b.has_attn else 0) + (mlp if b.has_mlp else 0)
+
+
+def block_flops(config: NViTSwinConfig, b: SwinBlockConfig, batch_size: int = 1) -> int:
+    """qkv and proj on the padded map's nW·N tokens, attention in every window, the MLP on the map."""
+    D = config.embed_dims[b.stage]
+    nw, N, tokens = _windows(config, b.stage)
+    attn = 2 * D * b.qkv_out * nw * N + attention_flops(b.qk_dims, b.v_dims, N, nw) + 2 * sum(b.v_dims) * D * nw * N
+    mlp = 4 * D * b.mlp * tokens
+    return batch_size * ((attn if b.has_attn else 0) + (mlp if b.has_mlp else 0))
+
+
+def _stem_head_params(config: NViTSwinConfig) -> int:
+    c, D = config, config.embed_dims
+    n = c.in_chans * D[0] * c.patch_size ** 2 + D[0] + (2 * D[0] if c.patch_norm else 0)
+    n += sum(2 * 4 * D[s - 1] + 4 * D[s - 1] * D[s] for s in range(1, len(D)))  # patch merging
+    n += 2 * D[-1]                                                                 # final norm
+    return n + (D[-1] * c.num_classes + c.num_classes if c.num_classes > 0 else 0)
+
+
+def _stem_head_flops(config: NViTSwinConfig, batch_size: int) -> int:
+    c, D = config, config.embed_dims
+    n = 2 * c.in_chans * c.patch_size ** 2 * D[0] * _windows(c, 0)[2]
+    n += sum(2 * 4 * D[s - 1] * D[s] * _windows(c, s)[2] for s in range(1, len(D)))
+    return batch_size * (n + 2 * D[-1] * max(c.num_classes, 0))
+
+
+def count_params(config: NViTSwinConfig) -> int:
+    """Exactly ``sum(p.numel() for p in NViTSwin(config).parameters())``."""
+    return _stem_head_params(config) + sum(block_params(config, b) for b in config.blocks)
+
+
+def count_flops(config: NViTSwinConfig, batch_size: int = 1) -> int:
+    """Forward FLOPs of NViTSwin(config), as FlopCounterMode counts them (matmuls, conv, attention)."""
+    return _stem_head_flops(config, batch_size) + sum(block_flops(config, b, batch_size) for b in config.blocks)

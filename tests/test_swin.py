@@ -1,0 +1,232 @@
+"""timm Swin Transformer (v1): saliency == explicit gate derivatives (float64) for every kind, with one
+embedding per stage; converted == masked (fp32) on odd maps (padding, shifted windows, small maps whose
+window shrinks, odd patch merging), Swin-T and Swin-B; costs equal FlopCounterMode and the parameter
+count; the Pruner prunes a Swin exactly; refusals are named."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from nvit import Pruner, Target
+from nvit.model_swin import NViTSwin, NViTSwinConfig, count_flops, count_params
+from nvit.spec import ATTN_BRANCH, EMBED, HEAD, MLP, MLP_BRANCH, QK, V, Masks, UnsupportedModelError
+from nvit.structures import Adapter
+from nvit_kernels.saliency import saliency_reference
+from _vit_factory import random_masks
+
+GRANS = ["aligned", "per-head"]
+# img 20, patch 2: maps 10×10 (window 4: padded to 12, shifted), 5×5 (padded to 8, shifted), 3×3 (odd
+# merge; the window shrinks to the map and does not shift)
+ODD = dict(img_size=20, patch_size=2, embed_dim=8, depths=(2, 2, 2), num_heads=(2, 2, 4), window_size=4)
+# the brief's case: img 56, patch 4, window 7: maps 14×14 (two windows a side) and 7×7 (one window, no shift)
+SMALL = dict(img_size=56, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=7)
+# one stage with an odd map not divisible by the window: 9×9 with window 4 → padded to 12, shifted
+PADDED = dict(img_size=18, patch_size=2, embed_dim=12, depths=(3,), num_heads=(3,), window_size=4)
+
+
+def tiny_swin(cfg=ODD, seed=0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    m = timm.models.swin_transformer.SwinTransformer(num_classes=5, mlp_ratio=2.0, drop_path_rate=0.0,
+                                                     **{**cfg, **kw})
+    with torch.no_grad():  # random, non-trivial weights everywhere (norms around 1, biases too)
+        for n, p in m.named_parameters():
+            p.normal_(0, 0.2).add_(1.0 if "norm" in n and n.endswith("weight") else 0.0)
+    return m.to(dtype).eval()
+
+
+def _image(cfg, n=2, seed=0, dtype=torch.float32):
+    s = cfg["img_size"]
+    return torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _gated_loss(model, gran, gates, x, y):
+    """Loss with gates inserted by hooks: gates["embed"][s] one gate per channel of stage s on every write
+    into its stream (patch_embed.norm / the merging reduction, each branch's output) and every read from
+    it (norm1, norm2, the next stage's merging norm at the channel's 4 positions, the final norm)."""
+    ge = gates["embed"]
+    times = lambda g: (lambda mod, inp, out: out * g)  # noqa: E731
+    hooks = [model.patch_embed.norm.register_forward_hook(times(ge[0])),
+             model.norm.register_forward_hook(times(ge[-1]))]
+    b = 0
+    for s, layer in enumerate(model.layers):
+        if s > 0:
+            hooks += [layer.downsample.norm.register_forward_hook(times(ge[s - 1].repeat(4))),
+                      layer.downsample.reduction.register_forward_hook(times(ge[s]))]
+        for blk in layer.blocks:
+            gb = gates[b]
+            a, H = blk.attn, blk.attn.num_heads
+            d = a.qkv.out_features // (3 * H)
+            hooks += [blk.norm1.register_forward_hook(times(ge[s])), blk.norm2.register_forward_hook(times(ge[s])),
+                      blk.drop_path1.register_forward_hook(times(ge[s] * gb["attn_branch"])),
+                      blk.drop_path2.register_forward_hook(times(ge[s] * gb["mlp_branch"]))]
+
+            def qkv_hook(mod, inp, out, gb=gb, H=H, d=d):  # timm's sections: [q of all heads | k | v]
+                gq = gb["qk"].reshape(-1) if gran == "per-head" else gb["qk"].repeat(H)
+                return torch.cat([out[..., : H * d] * gq, out[..., H * d:]], dim=-1)
+
+            def proj_pre(mod, args, gb=gb, H=H, d=d):
+                gv = gb["v"].reshape(-1) if gran == "per-head" else gb["v"].repeat(H)
+                return (args[0] * gb["head"].repeat_interleave(d) * gv,)
+
+            hooks += [a.qkv.register_forward_hook(qkv_hook), a.proj.register_forward_pre_hook(proj_pre),
+                      blk.mlp.fc2.register_forward_pre_hook(lambda mod, args, gb=gb: (args[0] * gb["mlp"],))]
+            b += 1
+    try:
+        return F.cross_entropy(model(x), y)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("gran", GRANS)
+def test_swin_saliency_equals_gate_derivative(gran):
+    model = tiny_swin(dtype=torch.float64)
+    a = Adapter(model)
+    assert a.family.name == "swin" and a.dims.embed == [8, 16, 32]
+    pairs, units = a.saliency_maps(gran, branches=True)
+    x, y = _image(ODD, 3, dtype=torch.float64), torch.tensor([0, 3, 1])
+    ones = lambda *s: torch.ones(s, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    gates = {"embed": [ones(w) for w in a.dims.embed]}
+    for b, bd in enumerate(a.dims.blocks):
+        H, d = bd.heads, bd.v_dims[0]
+        gates[b] = {"head": ones(H), "qk": ones(H, d) if gran == "per-head" else ones(d),
+                    "v": ones(H, d) if gran == "per-head" else ones(d), "mlp": ones(bd.mlp),
+                    "attn_branch": ones(), "mlp_branch": ones()}
+    loss = _gated_loss(model, gran, gates, x, y)
+    model.zero_grad()
+    loss.backward()
+    params = [p for p, _ in pairs]
+    got = saliency_reference([p.detach() for p in params], [p.grad for p in params], [t for _, t in pairs],
+                             units.num_units)
+    expect = torch.zeros(units.num_units, dtype=torch.float64)
+    for u in range(units.num_units):
+        k, b, h, i = (int(t[u]) for t in (units.kind, units.block, units.head, units.index))
+        if k == EMBED:  # an embedding unit's block is its stage
+            expect[u] = gates["embed"][b].grad[i] ** 2
+            continue
+        gb = gates[b]
+        if k in (ATTN_BRANCH, MLP_BRANCH):
+            expect[u] = gb["attn_branch" if k == ATTN_BRANCH else "mlp_branch"].grad ** 2
+        elif k in (HEAD, MLP):
+            expect[u] = gb["head" if k == HEAD else "mlp"].grad[i] ** 2
+        else:
+            gg = gb["qk" if k == QK else "v"].grad
+            expect[u] = (gg[h, i] if h >= 0 else gg[i]) ** 2
+    scale = float(expect.abs().max())
+    assert torch.allclose(got, expect, rtol=1e-5, atol=1e-8 * scale)
+    for k in (EMBED, HEAD, QK, V, MLP, ATTN_BRANCH, MLP_BRANCH):
+        assert float(expect[units.kind == k].abs().sum()) > 0
+    for s in range(3):  # every stage's embedding is scored
+        assert float(expect[(units.kind == EMBED) & (units.block == s)].abs().sum()) > 0
+
+
+def _check_converted(model, a, M, x, tol=1e-5):
+    a.install_norms(M)
+    a.apply_masks(M)
+    nv = a.convert(M)
+    assert isinstance(nv, NViTSwin) and nv.config.family == "swin"
+    assert nv.config.embed_dims == [int(t.sum()) for t in M.embeds]
+    with torch.no_grad():
+        ref, out = model(x), nv(x)
+    err = (ref - out).abs().max().item() / ref.abs().max().item()  # relative to the output scale
+    assert err <= tol, err
+    assert count_params(nv.config) == sum(p.numel() for p in nv.parameters())
+    with FlopCounterMode(display=False) as fc:
+        nv(x[:1])
+    assert count_flops(nv.config) == fc.get_total_flops()
+    return nv, err
+
+
+@pytest.mark.parametrize("cfg", [ODD, SMALL, PADDED], ids=["odd", "small", "padded"])
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("seed, branches", [(0, False), (1, True)])
+def test_swin_converted_equals_masked(cfg, gran, seed, branches):
+    model = tiny_swin(cfg, seed=seed)
+    a = Adapter(model)
+    M = random_masks(a, gran, seed, branches=branches)
+    nv, _ = _check_converted(model, a, M, _image(cfg, seed=seed))
+    if not branches:  # a converted model prunes again (per head: its heads have uneven dims now)
+        a2 = Adapter(copy.deepcopy(nv))
+        assert a2.family.name == "swin" and a2.dims.embed == nv.config.embed_dims
+        _check_converted(a2.model, a2, random_masks(a2, "per-head", seed + 7), _image(cfg, seed=seed))
+
+
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swin_base_patch4_window7_224"])
+def test_swin_t_and_b_converted_equal_masked(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    a = Adapter(model)
+    M = random_masks(a, "per-head", 3, p=0.5)
+    _, err = _check_converted(model, a, M, torch.randn(1, 3, 224, 224))
+    print(f"{name}: converted vs masked max |Δ| / max |out| = {err:.2e}")
+
+
+def test_masks_per_stage_round_trip_and_single_stream_keys_unchanged():
+    a = Adapter(tiny_swin())
+    M = random_masks(a, "per-head", 4)
+    d = M.state_dict()
+    assert "embed" not in d and [k for k in d if k.startswith("embed.")] == ["embed.0", "embed.1", "embed.2"]
+    assert Masks.from_state_dict(d).equal(M)
+    from _vit_factory import tiny_vit
+
+    assert "embed" in Adapter(tiny_vit()).full_masks().state_dict()  # single-stream files keep their layout
+
+
+def test_pruner_prunes_swin_exactly_per_stage():
+    model = tiny_swin(SMALL)
+    pruner = Pruner(model, Target("flops", 0.5), granularity="per-head", group_size={"embed": 2})
+    x, y = _image(SMALL, 4), torch.tensor([0, 1, 2, 3])
+    while not pruner.done:
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pruner.accumulate()
+        pruner.prune_step(40)
+    nv = pruner.convert()
+    with torch.no_grad():
+        ref, out = model(x), nv(x)
+    assert (ref - out).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    assert count_flops(nv.config) <= 0.5 * pruner.dense_cost["flops"]
+    assert all(w % 2 == 0 for w in nv.config.embed_dims)  # group size per stage
+    # the per-stage deltas are exact: removing one embedding channel of stage s saves what the pruner says
+    cfg = pruner.config()
+    for s in range(2):
+        smaller = pruner.adapter.family.with_embed_widths(cfg, [w - (i == s) for i, w in enumerate(cfg.embed_dims)])
+        assert pruner._delta("flops", cfg, EMBED, s, -1) == count_flops(cfg) - count_flops(smaller) > 0
+
+
+def test_swin_guards_per_stage():
+    """The last embedding channel of a stage is never removed, though other stages have many."""
+    model = tiny_swin(SMALL)
+    pruner = Pruner(model, granularity="aligned")
+    M = pruner.masks.clone()
+    M.embed[0][1:] = False
+    pruner.set_masks(M)
+    from nvit.pruner import _Group
+
+    first = int(pruner._unit_ids.tables[(EMBED, 0)][0, 0])
+    second = int(pruner._unit_ids.tables[(EMBED, 1)][0, 0])
+    assert not pruner._allowed(_Group([first], EMBED, 0, -1))
+    assert pruner._allowed(_Group([second], EMBED, 1, -1))
+
+
+def test_swin_v2_and_unsupported_options_are_named():
+    v2 = timm.models.swin_transformer_v2.SwinTransformerV2(img_size=32, patch_size=4, embed_dim=8, depths=(1,),
+                                                           num_heads=(2,), window_size=4, num_classes=3)
+    with pytest.raises(UnsupportedModelError, match="SwinTransformerV2.*cosine attention"):
+        Adapter(v2)
+    with pytest.raises(UnsupportedModelError, match="dynamic_img_size"):
+        Adapter(tiny_swin(PADDED, dynamic_img_size=True))
+    with pytest.raises(UnsupportedModelError, match="always_partition"):
+        Adapter(tiny_swin(PADDED, always_partition=True))
+    with pytest.raises(UnsupportedModelError, match="global_pool"):
+        Adapter(tiny_swin(PADDED, global_pool=""))
+
+
+def test_config_round_trips_through_dict():
+    a = Adapter(tiny_swin())
+    cfg = a.nvit_config(random_masks(a, "per-head", 2))
+    back = NViTSwinConfig.from_dict(cfg.to_dict())
+    assert back == cfg and back.depths == [2, 2, 2] and back.geometry(3) == ((5, 5), (4, 4), (2, 2))
