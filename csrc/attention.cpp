@@ -16,6 +16,14 @@
 // SIMD width) and A read with arbitrary strides as broadcast scalars: one register-blocked kernel.
 // N is small for ViTs (<= ~600), so a whole column of scores stays in L1/L2: plain (not online)
 // softmax. fp16/bf16 inputs are converted to fp32 once per tile; fp64 runs in double (for gradcheck).
+//
+// Optional additive logits (Swin window attention): bias [H, N, N] (per head, shared by the batch) and
+// mask [nW, N, N] (batch b uses mask[b % nW]), both in the compute type. They are transposed once per
+// call to key-major rows padded to the query lanes (biasT[h][j][i]), so a tile's scores start as
+// bias + mask rows and the S^T gemm accumulates onto them (no extra pass over the scores). A query
+// whose logits are all -inf gets P = 0 (output 0, no gradient), not NaN. The backward accumulates
+// dlogits into per-thread key-major partials, reduced and transposed into grad_bias at the end.
+// Without bias/mask the kernels take the same paths as before (branches outside the inner loops).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <omp.h>
@@ -225,13 +233,16 @@ void column_softmax(T* st, long N, long cols, T* inv_l, bool normalise) {
       auto s = X::load(st + j * cols + v);
       mx = s > mx ? s : mx;
     }
+    // A column of all -inf (a fully masked query): subtract 0 instead of -inf (no NaN), then P = 0.
+    const auto dead = mx == X::splat(-std::numeric_limits<T>::infinity());
+    mx = dead ? X::splat(T(0)) : mx;
     auto l = typename X::V{};
     for (long j = 0; j < N; ++j) {
       auto e = vexp(X::load(st + j * cols + v) - mx);
       X::store(st + j * cols + v, e);
       l += e;
     }
-    auto il = X::splat(T(1)) / l;
+    auto il = dead ? X::splat(T(0)) : X::splat(T(1)) / l;
     X::store(inv_l + v, il);
     if (normalise)
       for (long j = 0; j < N; ++j) X::store(st + j * cols + v, X::load(st + j * cols + v) * il);
@@ -346,6 +357,11 @@ Heads make_heads(long B, long N, const std::vector<int64_t>& qk, const std::vect
   return hd;
 }
 
+void check_mask(const Heads& hd, uintptr_t mask, int64_t nw) {
+  NVIT_CHECK(!mask || (nw >= 1 && hd.B % nw == 0),
+             "uneven_attention: the batch must be a multiple of the mask's nW >= 1 (window b uses mask[b % nW])");
+}
+
 // Heads in decreasing cost, so dynamic scheduling ends with the small tasks (load balance).
 std::vector<long> heads_by_cost(const Heads& hd) {
   std::vector<long> order(hd.H);
@@ -370,8 +386,62 @@ void pack_rows(const S* src, long N, long stride, long cols, T* dst) {
     for (long d = 0; d < cols; ++d) dst[j * cols + d] = to_c<T>(src[j * stride + d]);
 }
 
+// Additive logits as the kernels read them: key-major rows padded to np lanes (zeros past N).
+template <typename T>
+struct Extras {
+  const T* bias = nullptr;  // [H][N][N] as given (query-major)
+  const T* mask = nullptr;  // [nW][N][N]
+  long nw = 0, np = 0;
+  Buf<T> bias_t, mask_t;    // [H][N][np], [nW][N][np]: row j holds key j's logit term for every query
+  bool any() const { return bias || mask; }
+};
+
+// dst[m][j][i] = src[m][i][j] for i < N, 0 for N <= i < np.
+template <typename T>
+void transpose_tables(const T* src, long count, long N, long np, T* dst, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (long mj = 0; mj < count * N; ++mj) {
+    const long m = mj / N, j = mj % N;
+    T* row = dst + mj * np;
+    const T* col = src + m * N * N + j;
+    for (long i = 0; i < N; ++i) row[i] = col[i * N];
+    for (long i = N; i < np; ++i) row[i] = T(0);
+  }
+}
+
+template <typename T>
+void prepare_extras(Extras<T>& ex, const T* bias, const T* mask, long nw, const Heads& hd, int nthreads) {
+  ex.bias = bias;
+  ex.mask = mask;
+  ex.nw = nw;
+  ex.np = round_up(hd.N, Simd<T>::W);
+  if (bias) {
+    ex.bias_t.need(hd.H * hd.N * ex.np);
+    transpose_tables(bias, hd.H, hd.N, ex.np, ex.bias_t.p, nthreads);
+  }
+  if (mask) {
+    ex.mask_t.need(nw * hd.N * ex.np);
+    transpose_tables(mask, nw, hd.N, ex.np, ex.mask_t.p, nthreads);
+  }
+}
+
+// st[j][0:lanes] = biasT[h][j][i0:i0+lanes] + maskT[b % nW][j][i0:i0+lanes]: the scores' starting value.
+template <typename T>
+void init_scores(const Extras<T>& ex, long b, long h, long i0, long N, long lanes, T* st) {
+  using X = Simd<T>;
+  const T* bt = ex.bias ? ex.bias_t.p + h * N * ex.np + i0 : nullptr;
+  const T* mt = ex.mask ? ex.mask_t.p + (b % ex.nw) * N * ex.np + i0 : nullptr;
+  for (long j = 0; j < N; ++j)
+    for (long c = 0; c < lanes; c += X::W) {
+      typename X::V x;
+      if (bt && mt) x = X::load(bt + j * ex.np + c) + X::load(mt + j * ex.np + c);
+      else x = X::load((bt ? bt : mt) + j * ex.np + c);
+      X::store(st + j * lanes + c, x);
+    }
+}
+
 template <typename S, typename T>
-void forward_impl(const S* qkv, S* out, const Heads& hd, int nthreads) {
+void forward_impl(const S* qkv, S* out, const Heads& hd, const Extras<T>& ex, int nthreads) {
   constexpr int W = Simd<T>::W;
   constexpr bool direct = std::is_same<S, T>::value;
   const long N = hd.N;
@@ -397,8 +467,10 @@ void forward_impl(const S* qkv, S* out, const Heads& hd, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
   {
     Buf<T> qt, st, ot, kp, vp, inv_l, mx;
+    Buf<unsigned char> dead;
     qt.need(hd.max_qk * 2 * W);
     mx.need(2 * W);
+    dead.need(2 * W);
     st.need(N * 2 * W);
     ot.need(hd.max_v * 2 * W);
     inv_l.need(2 * W);
@@ -452,8 +524,20 @@ void forward_impl(const S* qkv, S* out, const Heads& hd, int nthreads) {
         }
       }
       std::fill(mx.p, mx.p + lanes, -std::numeric_limits<T>::infinity());
-      gemm<T, true>(N, lanes, dq, k, ldk, 1, qt.p, lanes, st.p, lanes, false, mx.p);  // S^T = K Q^T, column max
-      column_exp<T>(st.p, N, lanes, mx.p, inv_l.p);                                     // unnormalised P^T
+      if (!ex.any()) {
+        gemm<T, true>(N, lanes, dq, k, ldk, 1, qt.p, lanes, st.p, lanes, false, mx.p);  // S^T = K Q^T, column max
+        column_exp<T>(st.p, N, lanes, mx.p, inv_l.p);                                     // unnormalised P^T
+      } else {
+        init_scores(ex, tk.b, tk.h, i0, N, lanes, st.p);                                  // bias + mask
+        gemm<T, true>(N, lanes, dq, k, ldk, 1, qt.p, lanes, st.p, lanes, true, mx.p);   // += K Q^T
+        // A fully masked query (max -inf): exp(s - 0) instead of NaN, then 1/l := 0 (output 0).
+        for (long c = 0; c < lanes; ++c) dead.p[c] = mx.p[c] == -std::numeric_limits<T>::infinity();
+        for (long c = 0; c < lanes; ++c)
+          if (dead.p[c]) mx.p[c] = T(0);
+        column_exp<T>(st.p, N, lanes, mx.p, inv_l.p);
+        for (long c = 0; c < lanes; ++c)
+          if (dead.p[c]) inv_l.p[c] = T(0);
+      }
       gemm<T>(dv, lanes, N, v, 1, ldv, st.p, lanes, ot.p, lanes, false);               // O^T = V^T P^T
       if constexpr (fast_t) {
 #if defined(__AVX512F__)
@@ -471,18 +555,34 @@ void forward_impl(const S* qkv, S* out, const Heads& hd, int nthreads) {
   }
 }
 
+// gbias (when not null): [H][N][N] in T, the sum over the batch of dlogits (before the scale).
 template <typename S, typename T>
-void backward_impl(const S* gout, const S* qkv, const S* out, S* gqkv, const Heads& hd, int nthreads) {
+void backward_impl(const S* gout, const S* qkv, const S* out, S* gqkv, const Heads& hd, const Extras<T>& ex,
+                   T* gbias, int nthreads) {
   constexpr int W = Simd<T>::W;
   constexpr bool direct = std::is_same<S, T>::value;
   const long N = hd.N;
   const auto tiles = query_tiles(N, W);
-  struct Task { long b, h; };
+  // Tasks: batch elements [b0, b1) of head h. Without bias, one element each. With bias, the batch is cut
+  // into `chunks` fixed ranges and task (h, chunk c) alone adds its dlogits into its key-major partial
+  // [N][np] (slot c, h): whole score rows as vector adds, no atomics, and the final sum over c runs in a
+  // fixed order, so grad_bias does not depend on which thread ran what (deterministic, gradcheck-safe).
+  // chunks * H * N * np values: ~800 KB for a Swin block (16 heads, N = 49) on 2 threads.
+  struct Task { long b0, b1, h, chunk; };
   std::vector<Task> tasks;
-  for (long h : heads_by_cost(hd))
-    for (long b = 0; b < hd.B; ++b) tasks.push_back({b, h});
+  const long chunks = gbias ? std::min<long>(hd.B, 2L * nthreads) : 0;  // 2 per thread: load balance
+  for (long h : heads_by_cost(hd)) {
+    if (gbias) {
+      for (long c = 0; c < chunks; ++c) tasks.push_back({hd.B * c / chunks, hd.B * (c + 1) / chunks, h, c});
+    } else {
+      for (long b = 0; b < hd.B; ++b) tasks.push_back({b, b + 1, h, -1});
+    }
+  }
   const long ntask = static_cast<long>(tasks.size());
   const long qk_pad = round_up(hd.max_qk, W), v_pad = round_up(hd.max_v, W);
+  const long np = round_up(N, W), slot = N * np;
+  Buf<T> gpart;
+  if (gbias) gpart.need(static_cast<size_t>(chunks * hd.H * slot));
 
 #pragma omp parallel num_threads(nthreads)
   {
@@ -504,7 +604,11 @@ void backward_impl(const S* gout, const S* qkv, const S* out, S* gqkv, const Hea
     }
 #pragma omp for schedule(dynamic, 1)
     for (long ti = 0; ti < ntask; ++ti) {
-      const Task tk = tasks[ti];
+      const Task& task = tasks[ti];
+      T* gb_slot = gbias ? gpart.p + (task.chunk * hd.H + task.h) * slot : nullptr;
+      if (gb_slot) std::fill(gb_slot, gb_slot + slot, T(0));
+      for (long bb = task.b0; bb < task.b1; ++bb) {
+      const struct { long b, h; } tk{bb, task.h};
       const long dq = hd.qk[tk.h], dv = hd.v[tk.h];
       const long dqp = round_up(dq, W), dvp = round_up(dv, W);
       const S* base = qkv + tk.b * N * hd.width + hd.in_off[tk.h];
@@ -550,24 +654,50 @@ void backward_impl(const S* gout, const S* qkv, const S* out, S* gqkv, const Hea
           }
           dsum.p[i] = dsum_i;
         }
-        gemm<T>(N, lanes, dq, k, ldk, 1, qt.p, lanes, st.p, lanes, false);          // S^T
+        if (ex.any()) {
+          init_scores(ex, tk.b, tk.h, i0, N, lanes, st.p);                          // bias + mask
+          gemm<T>(N, lanes, dq, k, ldk, 1, qt.p, lanes, st.p, lanes, true);         // S^T (+= K Q^T)
+        } else {
+          gemm<T>(N, lanes, dq, k, ldk, 1, qt.p, lanes, st.p, lanes, false);        // S^T
+        }
         column_softmax<T>(st.p, N, lanes, inv_l.p, true);                          // P^T
         gemm<T>(N, lanes, dv, v, ldv, 1, dot_.p, lanes, dpt.p, lanes, false);      // dP^T = V dO^T
         gemm<T>(N, dvp, lanes, st.p, lanes, 1, dor.p, dvp, dv_acc.p, dvp, true);   // dV += P dO
         using X = Simd<T>;
-        for (long j = 0; j < N; ++j)                                               // G = s P (dP - D)
+        // G = dlogits = P (dP - D), unscaled: it is grad_bias's share; the scale goes onto dQ and dK.
+        // Lanes past the last query have dO = 0, so G = 0 there.
+        for (long j = 0; j < N; ++j)
           for (long c = 0; c < lanes; c += W) {
             auto p = X::load(st.p + j * lanes + c);
-            X::store(dpt.p + j * lanes + c, scale * p * (X::load(dpt.p + j * lanes + c) - X::load(dsum.p + c)));
+            X::store(dpt.p + j * lanes + c, p * (X::load(dpt.p + j * lanes + c) - X::load(dsum.p + c)));
           }
+        if (gb_slot) {
+          T* gb = gb_slot + i0;
+          for (long j = 0; j < N; ++j)
+            for (long c = 0; c < lanes; c += W)
+              X::store(gb + j * np + c, X::load(gb + j * np + c) + X::load(dpt.p + j * lanes + c));
+        }
         gemm<T>(dq, lanes, N, k, 1, ldk, dpt.p, lanes, dqt.p, lanes, false);       // dQ^T = K^T G^T
         gemm<T>(N, dqp, lanes, dpt.p, lanes, 1, qr.p, dqp, dk.p, dqp, true);       // dK += G Q
         for (long i = 0; i < valid; ++i)
-          for (long d = 0; d < dq; ++d) gbase[(i0 + i) * hd.width + d] = from_c<S>(dqt.p[d * lanes + i]);
+          for (long d = 0; d < dq; ++d) gbase[(i0 + i) * hd.width + d] = from_c<S>(scale * dqt.p[d * lanes + i]);
       }
       for (long j = 0; j < N; ++j) {
-        for (long d = 0; d < dq; ++d) gbase[j * hd.width + dq + d] = from_c<S>(dk.p[j * dqp + d]);
+        for (long d = 0; d < dq; ++d) gbase[j * hd.width + dq + d] = from_c<S>(scale * dk.p[j * dqp + d]);
         for (long c = 0; c < dv; ++c) gbase[j * hd.width + 2 * dq + c] = from_c<S>(dv_acc.p[j * dvp + c]);
+      }
+      }  // batch elements of the task
+    }
+    if (gbias) {  // the loop's barrier has passed: every partial is complete
+#pragma omp for schedule(static)
+      for (long hi = 0; hi < hd.H * N; ++hi) {  // grad_bias[h][i][:] = sum_c partial[c][h][:][i]
+        const long h = hi / N, i = hi % N;
+        T* dst = gbias + hi * N;
+        for (long j = 0; j < N; ++j) {
+          T acc = 0;
+          for (long c = 0; c < chunks; ++c) acc += gpart.p[(c * hd.H + h) * slot + j * np + i];
+          dst[j] = acc;
+        }
       }
     }
   }
@@ -592,34 +722,52 @@ void register_attention(py::module_& m) {
   m.def(
       "uneven_attention_forward",
       [](uintptr_t qkv, uintptr_t out, int64_t B, int64_t N, int dtype, std::vector<int64_t> qk,
-         std::vector<int64_t> v, std::vector<double> scales, int nthreads) {
+         std::vector<int64_t> v, std::vector<double> scales, int nthreads, uintptr_t bias, uintptr_t mask,
+         int64_t nw) {
         Heads hd = make_heads(B, N, qk, v, scales);
+        check_mask(hd, mask, nw);
         py::gil_scoped_release nogil;
         by_dtype(dtype, [&](auto* s_tag, auto* t_tag) {
           using S = std::remove_pointer_t<decltype(s_tag)>;
           using T = std::remove_pointer_t<decltype(t_tag)>;
-          forward_impl<S, T>(reinterpret_cast<const S*>(qkv), reinterpret_cast<S*>(out), hd, std::max(1, nthreads));
+          const int nt = std::max(1, nthreads);
+          Extras<T> ex;
+          prepare_extras(ex, reinterpret_cast<const T*>(bias), reinterpret_cast<const T*>(mask), nw, hd, nt);
+          forward_impl<S, T>(reinterpret_cast<const S*>(qkv), reinterpret_cast<S*>(out), hd, ex, nt);
         });
       },
       py::arg("qkv"), py::arg("out"), py::arg("B"), py::arg("N"), py::arg("dtype"), py::arg("qk_dims"),
-      py::arg("v_dims"), py::arg("scales"), py::arg("nthreads"),
-      "out[B,N,sum v] = per-head softmax(scale q k^T) v of contiguous qkv[B,N,sum(2qk+v)] (data pointers)");
+      py::arg("v_dims"), py::arg("scales"), py::arg("nthreads"), py::arg("bias") = 0, py::arg("mask") = 0,
+      py::arg("nW") = 0,
+      "out[B,N,sum v] = per-head softmax(scale q k^T + bias[h] + mask[b % nW]) v of contiguous qkv[B,N,sum(2qk+v)] "
+      "(data pointers; bias [H,N,N] and mask [nW,N,N] contiguous in the compute type (fp32, fp64 for fp64), 0 = "
+      "absent)");
   m.def(
       "uneven_attention_backward",
       [](uintptr_t gout, uintptr_t qkv, uintptr_t out, uintptr_t gqkv, int64_t B, int64_t N, int dtype,
-         std::vector<int64_t> qk, std::vector<int64_t> v, std::vector<double> scales, int nthreads) {
+         std::vector<int64_t> qk, std::vector<int64_t> v, std::vector<double> scales, int nthreads, uintptr_t bias,
+         uintptr_t mask, int64_t nw, uintptr_t gbias) {
         Heads hd = make_heads(B, N, qk, v, scales);
+        check_mask(hd, mask, nw);
+        NVIT_CHECK((bias == 0) == (gbias == 0), "uneven_attention: bias and grad_bias come together");
         py::gil_scoped_release nogil;
         by_dtype(dtype, [&](auto* s_tag, auto* t_tag) {
           using S = std::remove_pointer_t<decltype(s_tag)>;
           using T = std::remove_pointer_t<decltype(t_tag)>;
+          const int nt = std::max(1, nthreads);
+          Extras<T> ex;
+          prepare_extras(ex, reinterpret_cast<const T*>(bias), reinterpret_cast<const T*>(mask), nw, hd, nt);
           backward_impl<S, T>(reinterpret_cast<const S*>(gout), reinterpret_cast<const S*>(qkv),
-                              reinterpret_cast<const S*>(out), reinterpret_cast<S*>(gqkv), hd, std::max(1, nthreads));
+                              reinterpret_cast<const S*>(out), reinterpret_cast<S*>(gqkv), hd, ex,
+                              reinterpret_cast<T*>(gbias), nt);
         });
       },
       py::arg("grad_out"), py::arg("qkv"), py::arg("out"), py::arg("grad_qkv"), py::arg("B"), py::arg("N"),
       py::arg("dtype"), py::arg("qk_dims"), py::arg("v_dims"), py::arg("scales"), py::arg("nthreads"),
-      "grad_qkv (every element written) from grad_out, qkv and the forward's out (data pointers)");
+      py::arg("bias") = 0, py::arg("mask") = 0, py::arg("nW") = 0, py::arg("grad_bias") = 0,
+      "grad_qkv (every element written) from grad_out, qkv and the forward's out (data pointers); with bias, "
+      "grad_bias [H,N,N] (compute type) = sum over the batch of dlogits");
+  m.attr("attention_bias_mask") = true;  // the kernels take bias/mask (the Python side checks for it)
   m.attr("attention_cuda_max_dim") = kAttnCudaMaxDim;
 #ifdef NVIT_WITH_CUDA
   m.def(

@@ -547,3 +547,36 @@ def test_bad_extras(bad, match):
     x = torch.randn(2, 3, 17)
     with pytest.raises((ValueError, TypeError), match=match):
         bad(x, make_bias(2, 3), make_mask(2, 3))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_extras_task_layouts(threads, dtype):
+    """The C++ kernels with bias + mask in both forward task layouts and with several threads sharing a
+    head in the backward (per-thread grad_bias partials, then their sum)."""
+    if not dispatch.can_run("cpp", CPU)[0]:
+        pytest.skip("extension not built: " + dispatch.can_run("cpp", CPU)[1])
+    qk_dims, v_dims = [17, 1, 33, 16], [16, 31, 2, 48]
+    scales = default_scales(qk_dims)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for b, n, nw in [(6, 37, 3), (2, 70, 2)]:  # 24 (b, h) pairs, then 8
+            x = make_qkv(b, n, qk_dims, v_dims, dtype, seed=b + n, spread=2.0)
+            bias, mask = make_bias(4, n), make_mask(nw, n)
+            g = torch.randn(b, n, sum(v_dims), generator=torch.Generator().manual_seed(n))
+            x64, b64 = x.double().requires_grad_(), bias.double().requires_grad_()
+            ref = uneven_attention_reference(x64, qk_dims, v_dims, scales, bias=b64, mask=mask)
+            ref.backward(g.double())
+            xc, bc = x.clone().requires_grad_(), bias.clone().requires_grad_()
+            with dispatch.use_backend("cpp"):
+                out = uneven_attention(xc, qk_dims, v_dims, scales, bias=bc, mask=mask)
+                out.backward(g.to(dtype))
+            base = (stock_with_extras(x, qk_dims, v_dims, scales, bias, mask).double() - ref).abs().max().item()
+            err = (out.double() - ref).abs().max().item()
+            assert err <= max(2 * base, 4 * torch.finfo(dtype).eps), (b, n, err, base)
+            rel = 1e-5 if dtype == torch.float32 else 2e-2
+            for got, want in ((xc.grad, x64.grad), (bc.grad, b64.grad)):
+                assert (got.double() - want).abs().max().item() <= rel * max(1.0, want.abs().max().item())
+    finally:
+        torch.set_num_threads(prev)
