@@ -40,7 +40,7 @@ def read_state_dict(path: Path) -> dict:
 
 def shape_overrides(name: str, state: dict, s: dict) -> dict:
     """create_model kwargs the checkpoint fixes: classifier width (whatever module timm's pretrained
-    config names as the classifier: 'head', 'head.fc', …) and depth."""
+    config names as the classifier: 'head', 'head.fc', …) and depth (a Swin: its stages' shapes)."""
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(name)
@@ -53,6 +53,9 @@ def shape_overrides(name: str, state: dict, s: dict) -> dict:
     blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
     if blocks:
         kw["depth"] = max(blocks) + 1
+    from .families.swin import timm_shape_kwargs
+
+    kw.update(timm_shape_kwargs(state))  # a Swin's stages (depths, heads, widths, windows)
     if s.get("img_size"):
         kw["img_size"] = s["img_size"]
     if s.get("in_chans"):

@@ -1,4 +1,6 @@
-"""Save and load NViT models without pickle: a directory with config.json and model.safetensors."""
+"""Save and load converted models (NViT, NViT-Swin) without pickle: a directory with config.json and
+model.safetensors. config.json's "architecture" names which converted model it is (timm's hub layout,
+so timm.create_model("local-dir:…") builds it through nvit.timm_family's entrypoints)."""
 from __future__ import annotations
 
 import json
@@ -8,14 +10,18 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .model import NViT, NViTConfig
+from .model_swin import NViTSwin, NViTSwinConfig
 
 FORMAT = "nvit-model"
 FORMAT_VERSION = 2  # 2: timm's hub layout (architecture, model_args, pretrained_cfg); 1 is still read
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
+# architecture name (config.json, timm entrypoint) → (model class, config class)
+ARCHITECTURES = {"nvit": (NViT, NViTConfig), "nvit_swin": (NViTSwin, NViTSwinConfig)}
 
 
 class ModelFileError(ValueError):
@@ -46,10 +52,46 @@ def atomic_write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def save(model: NViT, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def architecture_of(config) -> str:
+    for name, (_, cfg_cls) in ARCHITECTURES.items():
+        if isinstance(config, cfg_cls):
+            return name
+    raise TypeError(f"nvit: {type(config).__name__} is not the config of a converted model")
+
+
+def config_from_dict(d: dict, architecture: str | None = None):
+    """The config a dict describes (Config.to_dict's output); without `architecture`, told apart by its
+    keys (a Swin config has per-stage embed_dims)."""
+    if architecture is None:
+        architecture = "nvit_swin" if "embed_dims" in d else "nvit"
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"nvit: unknown architecture {architecture!r} (known: {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[architecture][1].from_dict(d)
+
+
+def build(config) -> nn.Module:
+    """An (untrained) converted model of this architecture: NViT or NViTSwin."""
+    return ARCHITECTURES[architecture_of(config)][0](config)
+
+
+def build_from_dict(d: dict) -> nn.Module:
+    return build(config_from_dict(d))
+
+
+def count(metric: str, config) -> int:
+    """Params or FLOPs ("params" | "flops") of a converted architecture, whichever it is (nvit.cost for
+    NViT, nvit.model_swin for NViT-Swin)."""
+    from . import cost, model_swin
+
+    mod = model_swin if isinstance(config, NViTSwinConfig) else cost
+    return mod.count_flops(config) if metric == "flops" else mod.count_params(config)
+
+
+def save(model: NViT | NViTSwin, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write `model` to directory `path` (built in a temp folder beside it, then renamed into place)."""
-    if not isinstance(model, NViT):
-        raise TypeError(f"nvit.save takes an NViT model (from Pruner.convert or nvit.load), got {type(model).__name__}")
+    if not isinstance(model, tuple(m for m, _ in ARCHITECTURES.values())):
+        raise TypeError(f"nvit.save takes an NViT model (NViT or NViTSwin, from Pruner.convert or nvit.load), got "
+                        f"{type(model).__name__}")
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"nvit: {path} exists; pass overwrite=True to replace it")
@@ -59,7 +101,7 @@ def save(model: NViT, path: str | os.PathLike, *, overwrite: bool = False) -> Pa
         tmp.chmod(0o755)  # mkdtemp makes a private folder; a saved model is meant to be shared
         c = model.config
         # timm's hub layout, so timm's local-dir: scheme and data config read the folder as it is.
-        cfg = {"architecture": "nvit", "num_classes": c.num_classes, "num_features": c.embed_dim,
+        cfg = {"architecture": architecture_of(c), "num_classes": c.num_classes, "num_features": c.embed_dim,
                "model_args": {"config": c.to_dict()}, "pretrained_cfg": c.pretrained_cfg(),
                "format": FORMAT, "format_version": FORMAT_VERSION}
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
@@ -74,7 +116,7 @@ def save(model: NViT, path: str | os.PathLike, *, overwrite: bool = False) -> Pa
     return path
 
 
-def load_config(path: str | os.PathLike) -> NViTConfig:
+def load_config(path: str | os.PathLike) -> NViTConfig | NViTSwinConfig:
     path = Path(path)
     f = path / CONFIG
     if not f.is_file():
@@ -88,13 +130,15 @@ def load_config(path: str | os.PathLike) -> NViTConfig:
     version = d.get("format_version")
     if version not in (1, FORMAT_VERSION):
         raise ModelFileError(f"nvit: {f} has format_version {version}; this nvit reads 1 to {FORMAT_VERSION}")
-    try:
-        return NViTConfig.from_dict(d["config"] if version == 1 else d["model_args"]["config"])
+    try:  # format 1 predates other architectures: NViT
+        if version == 1:
+            return NViTConfig.from_dict(d["config"])
+        return config_from_dict(d["model_args"]["config"], d.get("architecture", "nvit"))
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFileError(f"nvit: {f} holds an invalid config: {e}") from None
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> NViT:
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> NViT | NViTSwin:
     """Load a model written by :func:`save`; corrupt or mismatched files raise ModelFileError."""
     path = Path(path)
     cfg = load_config(path)
@@ -105,7 +149,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> N
         tensors = load_file(str(wf), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFileError(f"nvit: {wf} is corrupt: {e}") from None
-    model = NViT(cfg)
+    model = build(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

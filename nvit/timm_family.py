@@ -1,4 +1,5 @@
-"""NViT as a timm model family: ``import nvit`` registers ``nvit`` with timm's model registry, so
+"""NViT as a timm model family: ``import nvit`` registers ``nvit`` and ``nvit_swin`` with timm's model
+registry, so
 
     timm.create_model("local-dir:runs/demo/model", pretrained=True)     # a saved folder (timm's scheme)
     timm.create_model("nvit", pretrained=True, pretrained_cfg_overlay=dict(file="runs/demo/model"))
@@ -22,13 +23,11 @@ def _weights_folder(pretrained_cfg: dict | None, overlay: dict | None) -> Path |
     return None
 
 
-@register_model
-def nvit(pretrained: bool = False, config: dict | None = None, pretrained_cfg: dict | None = None,
-         pretrained_cfg_overlay: dict | None = None, **kwargs):
-    """An NViT model: `config` is an NViTConfig as a dict (config.json's model_args), or it is read from
-    the saved folder that pretrained_cfg(_overlay)["file"] names; pretrained=True loads its weights."""
+def _create(architecture: str, pretrained: bool, config: dict | None, pretrained_cfg: dict | None,
+            pretrained_cfg_overlay: dict | None, **kwargs):
+    """A converted model: `config` as a dict (config.json's model_args), or read from the saved folder
+    that pretrained_cfg(_overlay)["file"] names; pretrained=True loads its weights."""
     from . import io
-    from .model import NViT, NViTConfig
 
     kwargs.pop("cache_dir", None)  # timm passes it to every entrypoint; a local folder needs none
     folder = _weights_folder(pretrained_cfg, pretrained_cfg_overlay)
@@ -42,8 +41,22 @@ def nvit(pretrained: bool = False, config: dict | None = None, pretrained_cfg: d
             if folder is None:
                 raise ValueError("nvit: give config=NViTConfig dict, or a saved folder via pretrained_cfg_overlay")
             config = io.load_config(folder).to_dict()
-        model = NViT(NViTConfig.from_dict(config))
+        model = io.build(io.config_from_dict(config, architecture))
     if kwargs.get("num_classes") not in (None, model.config.num_classes):
         raise ValueError(f"nvit: the saved model has {model.config.num_classes} classes; re-heading an NViT model "
                          f"through create_model(num_classes=…) is not supported")
     return model
+
+
+@register_model
+def nvit(pretrained: bool = False, config: dict | None = None, pretrained_cfg: dict | None = None,
+         pretrained_cfg_overlay: dict | None = None, **kwargs):
+    """An NViT model (see _create)."""
+    return _create("nvit", pretrained, config, pretrained_cfg, pretrained_cfg_overlay, **kwargs)
+
+
+@register_model
+def nvit_swin(pretrained: bool = False, config: dict | None = None, pretrained_cfg: dict | None = None,
+              pretrained_cfg_overlay: dict | None = None, **kwargs):
+    """An NViT-Swin model (see _create)."""
+    return _create("nvit_swin", pretrained, config, pretrained_cfg, pretrained_cfg_overlay, **kwargs)

@@ -230,3 +230,32 @@ def test_config_round_trips_through_dict():
     cfg = a.nvit_config(random_masks(a, "per-head", 2))
     back = NViTSwinConfig.from_dict(cfg.to_dict())
     assert back == cfg and back.depths == [2, 2, 2] and back.geometry(3) == ((5, 5), (4, 4), (2, 2))
+
+
+def test_save_load_and_timm_local_dir_round_trip(tmp_path):
+    import nvit
+
+    model = tiny_swin(ODD)
+    a = Adapter(model)
+    M = random_masks(a, "per-head", 5)
+    a.install_norms(M)
+    a.apply_masks(M)
+    nv = a.convert(M)
+    nvit.save(nv, tmp_path / "m")
+    back = nvit.load(tmp_path / "m")
+    via_timm = timm.create_model(f"local-dir:{tmp_path / 'm'}", pretrained=True).eval()
+    x = _image(ODD)
+    with torch.no_grad():
+        ref = nv(x)
+        assert isinstance(back, NViTSwin) and back.config == nv.config
+        assert torch.equal(back(x), ref) and torch.equal(via_timm(x), ref)
+
+
+def test_cli_reads_swin_shapes_from_the_checkpoint():
+    from nvit.inputs import shape_overrides
+
+    src = tiny_swin(ODD)
+    kw = shape_overrides("swin_tiny_patch4_window7_224", src.state_dict(), {"img_size": 20})
+    built = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kw)
+    built.load_state_dict(src.state_dict())  # strict: every shape as the checkpoint's
+    assert [len(layer.blocks) for layer in built.layers] == [2, 2, 2] and built.head.fc.out_features == 5

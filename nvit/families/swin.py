@@ -25,6 +25,34 @@ from ..spec import EMBED, HEAD, BlockDims, Dims, Masks, Slice, UnsupportedModelE
 from .vit import ViTFamily, _is_layernorm, data_config
 
 
+def timm_shape_kwargs(state: dict) -> dict:
+    """timm.create_model kwargs of the Swin (v1) architecture a state dict holds -- per stage depth, heads,
+    window and MLP ratio, the embedding width and head dim -- or {} for a state dict of another model.
+    (A window timm shrank to a small map is stored as that map's window: it builds the same model.)"""
+    import math
+
+    tables = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if len(parts) == 6 and parts[0] == "layers" and parts[2] == "blocks" and k.endswith("attn.relative_position_bias_table"):
+            tables[(int(parts[1]), int(parts[3]))] = v.shape
+    if not tables or "patch_embed.proj.weight" not in state:
+        return {}
+    stages = sorted({s for s, _ in tables})
+    depths = [1 + max(i for s2, i in tables if s2 == s) for s in stages]
+    heads = [tables[(s, 0)][1] for s in stages]
+    windows = [(math.isqrt(tables[(s, 0)][0]) + 1) // 2 for s in stages]
+    dims = [state[f"layers.{s}.blocks.0.norm1.weight"].shape[0] for s in stages]
+    head_dims = [state[f"layers.{s}.blocks.0.attn.qkv.weight"].shape[0] // (3 * heads[s]) for s in stages]
+    kw = dict(embed_dim=dims if dims != [dims[0] * 2 ** s for s in stages] else dims[0], depths=tuple(depths),
+              num_heads=tuple(heads), window_size=tuple((w, w) for w in windows),  # (h, w) per stage
+              mlp_ratio=tuple(state[f"layers.{s}.blocks.0.mlp.fc1.weight"].shape[0] / dims[s] for s in stages),
+              patch_size=state["patch_embed.proj.weight"].shape[-1])
+    if any(h * n != d for h, n, d in zip(head_dims, heads, dims)):
+        kw["head_dim"] = tuple(head_dims)
+    return kw
+
+
 class SwinFamily(ViTFamily):
     name = "swin"
 
