@@ -14,6 +14,9 @@ standard operators without changing what it computes:
   ignore -- exact), so fused attention kernels that want head sizes in multiples of 8 apply and more
   heads share a group.
 
+NViT-Swin's window attention is lowered the same way; each group's SDPA also takes its heads' relative
+position bias (gathered once into a constant [H, N, N]) plus the shifted-window mask as attn_mask.
+
 The result is a plain ``nn.Module`` tree (Linear, LayerNorm, SDPA, reshape, cat) that torch.export and
 the ONNX exporter trace like any timm ViT.
 """
@@ -27,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .model import NViT, UnevenAttention
+from .model_swin import NViTSwin, UnevenWindowAttention
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,9 @@ class GroupedAttention(nn.Module):
 
     def __init__(self, attn: UnevenAttention, pad_heads: int | None = None):
         super().__init__()
-        if attn.qk_norm:
+        if getattr(attn, "qk_norm", False):  # (window attention has neither)
             raise ValueError("nvit: exporting q/k-normalised attention is not supported yet")
-        if attn.rope_dim:
+        if getattr(attn, "rope_dim", 0):
             raise ValueError("nvit: exporting rotary (EVA-02) attention is not supported yet")
         qk, vd, sc = list(attn.qk_dims), list(attn.v_dims), list(attn.scales)
         # Where each head's q, k, v rows start in the packed per-head qkv, and its columns in proj.
@@ -57,6 +61,7 @@ class GroupedAttention(nn.Module):
         for h in range(len(qk)):
             order.setdefault((_round_up(qk[h], pad_heads), _round_up(vd[h], pad_heads)), []).append(h)
         self.groups = [HeadGroup(len(hs), dq, dv) for (dq, dv), hs in order.items()]
+        self.head_order = [h for hs in order.values() for h in hs]  # source head of each grouped head
         # The new layout as source indices (-1: a zero pad) and per-row factors (the folded q scales).
         rows, scale, cols = [], [], []
         for (dq, dv), hs in order.items():
@@ -70,19 +75,42 @@ class GroupedAttention(nn.Module):
         self.qkv = _gathered(attn.qkv, torch.tensor(rows), torch.tensor(scale), dim=0)
         self.proj = _gathered(attn.proj, torch.tensor(cols), None, dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, _ = x.shape
         qkv = self.qkv(x)
-        outs, o = [], 0
+        outs, o, h0 = [], 0, 0
         for g in self.groups:
             H, dq, dv = g.heads, g.qk, g.v
             q = qkv[..., o:o + H * dq].reshape(B, N, H, dq).transpose(1, 2)
             k = qkv[..., o + H * dq:o + 2 * H * dq].reshape(B, N, H, dq).transpose(1, 2)
             v = qkv[..., o + 2 * H * dq:o + H * (2 * dq + dv)].reshape(B, N, H, dv).transpose(1, 2)
             o += H * (2 * dq + dv)
-            y = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # scales are folded into q
+            y = self._attend(q, k, v, h0, mask)
+            h0 += H
             outs.append(y.transpose(1, 2).reshape(B, N, H * dv))
         return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1))
+
+    def _attend(self, q, k, v, h0: int, mask):
+        """One group's attention: heads h0… of the grouped order, [B, H, N, d]."""
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0)  # scales are folded into q
+
+
+class GroupedWindowAttention(GroupedAttention):
+    """NViT-Swin's window attention, grouped: logits (s·q)·k + bias[h] + mask[window]."""
+
+    def __init__(self, attn: UnevenWindowAttention, pad_heads: int | None = None):
+        super().__init__(attn, pad_heads)
+        with torch.no_grad():  # a constant at inference: gathered once, heads in the grouped order
+            self.register_buffer("bias", attn.position_bias()[self.head_order].detach().clone())
+
+    def _attend(self, q, k, v, h0: int, mask):
+        bias = self.bias[h0:h0 + q.shape[1]]
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        nw, (Bw, H, N, _) = mask.shape[0], q.shape  # window b of the batch uses mask[b % nW]
+        # 4-D attn_mask [B·nW, H, N, N] (ONNX's SDPA takes 4-D inputs only): the windows' masks per image
+        m = (mask[:, None] + bias[None]).expand(Bw // nw, nw, H, N, N).reshape(Bw, H, N, N)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=1.0)
 
 
 def _gathered(lin: nn.Linear, index: torch.Tensor, scale: torch.Tensor | None, dim: int) -> nn.Linear:
@@ -110,18 +138,25 @@ def _gathered(lin: nn.Linear, index: torch.Tensor, scale: torch.Tensor | None, d
     return out.to(W.device)
 
 
-def exportable(model: NViT, pad_heads: int | None = None) -> nn.Module:
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    if isinstance(model, NViTSwin):
+        return [blk for layer in model.layers for blk in layer.blocks]
+    return list(model.blocks)
+
+
+def exportable(model: NViT | NViTSwin, pad_heads: int | None = None) -> nn.Module:
     """A copy of `model` (eval mode) whose attention uses standard operators only (same outputs)."""
     if pad_heads is not None and pad_heads < 1:
         raise ValueError(f"nvit: pad_heads must be ≥1, got {pad_heads}")
     m = copy.deepcopy(model).eval()
-    for blk in m.blocks:
+    for blk in _blocks(m):
         if getattr(blk, "has_attn", True):
-            blk.attn = GroupedAttention(blk.attn, pad_heads)
+            grouped = GroupedWindowAttention if isinstance(blk.attn, UnevenWindowAttention) else GroupedAttention
+            blk.attn = grouped(blk.attn, pad_heads)
     return m
 
 
 def attention_groups(model: nn.Module) -> list[list[HeadGroup]]:
     """The head groups of every block of an :func:`exportable` model (for reports and benchmarks)."""
     return [list(blk.attn.groups) if isinstance(getattr(blk, "attn", None), GroupedAttention) else []
-            for blk in model.blocks]
+            for blk in _blocks(model)]

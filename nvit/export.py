@@ -26,6 +26,7 @@ import torch
 
 from .io import ModelFileError, atomic_write, load
 from .model import NViT
+from .model_swin import NViTSwin
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -82,7 +83,7 @@ def relative_error(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
-def export(model: NViT, out: Path, *, fmt: str, batch: str = "dynamic", opset: int = 18,
+def export(model: NViT | NViTSwin, out: Path, *, fmt: str, batch: str = "dynamic", opset: int = 18,
            pad_heads: int | None = None, dtype: str = "fp32", seed: int = 0, log=print) -> float:
     """Export `model` to `out` and verify it; returns the measured relative error (raises ExportError
     and writes nothing when it exceeds the tolerance)."""
@@ -90,9 +91,10 @@ def export(model: NViT, out: Path, *, fmt: str, batch: str = "dynamic", opset: i
 
     if fmt == "onnx":
         _require_onnx()
+    from .inputs import input_shape
+
     model = model.eval()
-    c = model.config
-    shape = (c.in_chans, c.img_size, c.img_size)
+    shape = input_shape(model)
     m = exportable(model, pad_heads).to(DTYPES[dtype])
     groups = attention_groups(m)
     log(f"nvit.export: {sum(len(g) for g in groups)} attention head groups over {len(groups)} blocks "

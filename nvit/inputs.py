@@ -142,11 +142,12 @@ def load_teachers(s: dict, dense: torch.nn.Module) -> tuple[torch.nn.Module, tor
 
 
 def input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
-    from .model import NViT
+    from .io import ARCHITECTURES
 
-    if isinstance(model, NViT):
+    if isinstance(model, tuple(m for m, _ in ARCHITECTURES.values())):  # NViT, NViT-Swin: from the config
         c = model.config
-        return c.in_chans, c.img_size, c.img_size
+        img = c.img_size if isinstance(c.img_size, (tuple, list)) else (c.img_size, c.img_size)
+        return c.in_chans, img[0], img[1]
     pe = model.patch_embed
     img = pe.img_size if isinstance(pe.img_size, (tuple, list)) else (pe.img_size, pe.img_size)
     return pe.proj.in_channels, img[0], img[1]
