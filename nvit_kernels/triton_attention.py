@@ -1,7 +1,7 @@
 """Triton kernels for uneven per-head attention: one launch covers every head of a block.
 
-Per-head facts (start column in qkv and in the output, QK dim, V dim, scale) live in small device
-tables; program (query tile, batch*head) reads its head's row. Head dims are padded only inside
+Per-head facts (start column in qkv and in the output, QK dim, V dim, scale, head index) live in small
+device tables; program (query tile, batch*head) reads its head's row. Head dims are padded only inside
 registers, to the next power of two of the widest head of the launch (``tl.arange`` needs powers of
 two), with masked loads/stores for the tail. With ``bucketed=True`` heads are grouped by their
 (pow2 QK, pow2 V) pair and each group gets its own launch, so a block mixing QK 8 and QK 64 heads
@@ -10,7 +10,15 @@ does not pad the narrow ones to 64 (one launch per distinct pair, usually 1 to 3
 Forward: flash-style online softmax over key tiles in fp32 (exp2 with log2(e) folded into the scale).
 Backward (flash-attention-2 style, three launches for all heads): per-row logsumexp and
 D = rowsum(dO * O); dK/dV per key tile looping over query tiles; dQ per query tile looping over key
-tiles. Nothing is atomically accumulated, so every element of grad_qkv is written exactly once.
+tiles. Every element of grad_qkv is written exactly once.
+
+Optional additive logits (Swin window attention): bias [H, N, N] and mask [nW, N, N] (batch b uses
+mask[b % nW]), read as fp32 tiles beside the scores (constexpr switches: without them the kernels are
+the plain ones). A query whose logits are all -inf gets a zero output (logsumexp +inf, so P = 0 in the
+backward). grad_bias = Σ_b dlogits comes from the dK/dV kernel, which sees every (query, key) pair of
+its (b, h) exactly once: it atomically adds dlogits into fp32 slots [G, H, N, N] (slot b % G, G <= 16:
+windows of a batch spread over G copies so the adds do not all queue on one address), summed at the
+end. Atomic adds make grad_bias's last bits depend on timing (nondeterministic, like index_add_).
 fp32 inputs use IEEE fp32 dots (no TF32) so results match fp32 PyTorch matmul accuracy.
 """
 from __future__ import annotations
@@ -24,22 +32,35 @@ from .attention import _head_offsets
 from .dispatch import triton_interpreter
 
 LOG2E = 1.4426950408889634
+_GBIAS_SLOTS = 16
 
 
 @triton.jit
-def _head(tab_in, tab_out, tab_qk, tab_v, tab_scale, hb):
+def _head(tab_in, tab_out, tab_qk, tab_v, tab_scale, tab_h, hb):
     return (tl.load(tab_in + hb), tl.load(tab_out + hb), tl.load(tab_qk + hb), tl.load(tab_v + hb),
-            tl.load(tab_scale + hb))
+            tl.load(tab_scale + hb), tl.load(tab_h + hb).to(tl.int64))
 
 
 @triton.jit
-def _fwd_kernel(qkv, out, tab_in, tab_out, tab_qk, tab_v, tab_scale, HB, N, W, OW,
+def _additive(bias, mask, h, b, NW, N, q, k, valid, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(bias[h, q, k] + mask[b % nW, q, k]) * log2(e) in fp32; q and k broadcast to the tile's shape."""
+    if HAS_BIAS:
+        x = tl.load(bias + h * N * N + q * N + k, mask=valid, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            x += tl.load(mask + (b % NW) * N * N + q * N + k, mask=valid, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(mask + (b % NW) * N * N + q * N + k, mask=valid, other=0.0).to(tl.float32)
+    return x * 1.4426950408889634
+
+
+@triton.jit
+def _fwd_kernel(qkv, out, tab_in, tab_out, tab_qk, tab_v, tab_scale, tab_h, bias, mask, NW, HB, N, W, OW,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
-                IEEE: tl.constexpr):
+                IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid = tl.program_id(1)
     b = (pid // HB).to(tl.int64)
-    in_off, out_off, dq, dv, scale = _head(tab_in, tab_out, tab_qk, tab_v, tab_scale, pid % HB)
+    in_off, out_off, dq, dv, scale, h = _head(tab_in, tab_out, tab_qk, tab_v, tab_scale, tab_h, pid % HB)
     qk_scale = scale * 1.4426950408889634  # softmax via exp2
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dq = tl.arange(0, BLOCK_DQ)
@@ -60,10 +81,18 @@ def _fwd_kernel(qkv, out, tab_in, tab_out, tab_qk, tab_v, tab_scale, HB, N, W, O
             s = tl.dot(q, kt, input_precision="ieee")
         else:
             s = tl.dot(q, kt)
-        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        if HAS_BIAS or HAS_MASK:
+            s = s * qk_scale + _additive(bias, mask, h, b, NW, N, offs_m[:, None], offs_n[None, :],
+                                         mask_m[:, None] & mask_n[None, :], HAS_BIAS, HAS_MASK)
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2(-inf - 0) = 0, not NaN
+        else:
+            s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(base + 2 * dq + offs_n[:, None] * W + offs_dv[None, :],
                     mask=mask_n[:, None] & (offs_dv[None, :] < dv), other=0.0)
@@ -72,20 +101,23 @@ def _fwd_kernel(qkv, out, tab_in, tab_out, tab_qk, tab_v, tab_scale, HB, N, W, O
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    acc = acc / l_i[:, None]
+    if HAS_BIAS or HAS_MASK:
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a fully masked query: acc = 0, output 0
+    else:
+        acc = acc / l_i[:, None]
     o_ptr = out + b * N * OW + out_off + offs_m[:, None] * OW + offs_dv[None, :]
     tl.store(o_ptr, acc.to(out.dtype.element_ty), mask=mask_m[:, None] & (offs_dv[None, :] < dv))
 
 
 @triton.jit
-def _bwd_stats_kernel(qkv, out, gout, lse, delta, tab_in, tab_out, tab_qk, tab_v, tab_scale, HB, N, W, OW,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr,
-                      BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
+def _bwd_stats_kernel(qkv, out, gout, lse, delta, tab_in, tab_out, tab_qk, tab_v, tab_scale, tab_h, bias, mask, NW,
+                      HB, N, W, OW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr,
+                      BLOCK_DV: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
     # Row logsumexp (base 2, of the scaled logits) and D = rowsum(dO * O), both [B*HB, N] fp32.
     pid_m = tl.program_id(0)
     pid = tl.program_id(1)
     b = (pid // HB).to(tl.int64)
-    in_off, out_off, dq, dv, scale = _head(tab_in, tab_out, tab_qk, tab_v, tab_scale, pid % HB)
+    in_off, out_off, dq, dv, scale, h = _head(tab_in, tab_out, tab_qk, tab_v, tab_scale, tab_h, pid % HB)
     qk_scale = scale * 1.4426950408889634
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dq = tl.arange(0, BLOCK_DQ)
@@ -105,27 +137,41 @@ def _bwd_stats_kernel(qkv, out, gout, lse, delta, tab_in, tab_out, tab_qk, tab_v
             s = tl.dot(q, kt, input_precision="ieee")
         else:
             s = tl.dot(q, kt)
-        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        if HAS_BIAS or HAS_MASK:
+            s = s * qk_scale + _additive(bias, mask, h, b, NW, N, offs_m[:, None], offs_n[None, :],
+                                         mask_m[:, None] & mask_n[None, :], HAS_BIAS, HAS_MASK)
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        l_i = l_i * tl.math.exp2(m_i - m_use) + tl.sum(tl.math.exp2(s - m_use[:, None]), 1)
         m_i = m_new
     o_off = b * N * OW + out_off + offs_m[:, None] * OW + offs_dv[None, :]
     mask_o = mask_m[:, None] & (offs_dv[None, :] < dv)
     o = tl.load(out + o_off, mask=mask_o, other=0.0).to(tl.float32)
     do = tl.load(gout + o_off, mask=mask_o, other=0.0).to(tl.float32)
     row = pid.to(tl.int64) * N + offs_m
-    tl.store(lse + row, m_i + tl.math.log2(l_i), mask=mask_m)
+    if HAS_BIAS or HAS_MASK:
+        # A fully masked query: lse = +inf, so P = exp2(s - inf) = 0 in the other two kernels.
+        lse_i = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+    else:
+        lse_i = m_i + tl.math.log2(l_i)
+    tl.store(lse + row, lse_i, mask=mask_m)
     tl.store(delta + row, tl.sum(o * do, 1), mask=mask_m)
 
 
 @triton.jit
-def _bwd_dkdv_kernel(qkv, gout, gqkv, lse, delta, tab_in, tab_out, tab_qk, tab_v, tab_scale, HB, N, W, OW,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr,
-                     BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
+def _bwd_dkdv_kernel(qkv, gout, gqkv, lse, delta, tab_in, tab_out, tab_qk, tab_v, tab_scale, tab_h, bias, mask, NW,
+                     gbias, SLOTS, H, HB, N, W, OW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_MASK: tl.constexpr):
     pid_n = tl.program_id(0)
     pid = tl.program_id(1)
     b = (pid // HB).to(tl.int64)
-    in_off, out_off, dq, dv, scale = _head(tab_in, tab_out, tab_qk, tab_v, tab_scale, pid % HB)
+    in_off, out_off, dq, dv, scale, h = _head(tab_in, tab_out, tab_qk, tab_v, tab_scale, tab_h, pid % HB)
     qk_scale = scale * 1.4426950408889634
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dq = tl.arange(0, BLOCK_DQ)
@@ -153,7 +199,13 @@ def _bwd_dkdv_kernel(qkv, gout, gqkv, lse, delta, tab_in, tab_out, tab_qk, tab_v
             st = tl.dot(k, qt, input_precision="ieee")                                  # S^T [N, M]
         else:
             st = tl.dot(k, qt)
-        pt = tl.math.exp2(st * qk_scale - l[None, :])
+        if HAS_BIAS or HAS_MASK:
+            valid = mask_n[:, None] & mask_m[None, :]
+            st = st * qk_scale + _additive(bias, mask, h, b, NW, N, offs_m[None, :], offs_n[:, None], valid,
+                                           HAS_BIAS, HAS_MASK)
+            pt = tl.math.exp2(st - l[None, :])
+        else:
+            pt = tl.math.exp2(st * qk_scale - l[None, :])
         pt = tl.where(mask_m[None, :], pt, 0.0)
         if IEEE:
             dvacc += tl.dot(pt, do, input_precision="ieee")
@@ -161,7 +213,10 @@ def _bwd_dkdv_kernel(qkv, gout, gqkv, lse, delta, tab_in, tab_out, tab_qk, tab_v
         else:
             dvacc += tl.dot(pt.to(do.dtype), do)
             dpt = tl.dot(v, tl.trans(do))
-        dst = pt * (dpt - d[None, :])
+        dst = pt * (dpt - d[None, :])                                                   # dlogits^T (unscaled)
+        if HAS_BIAS:
+            gb = gbias + ((b % SLOTS) * H + h) * N * N
+            tl.atomic_add(gb + offs_m[None, :] * N + offs_n[:, None], dst, mask=valid)
         if IEEE:
             dk += tl.dot(dst, tl.trans(qt), input_precision="ieee")
         else:
@@ -172,13 +227,13 @@ def _bwd_dkdv_kernel(qkv, gout, gqkv, lse, delta, tab_in, tab_out, tab_qk, tab_v
 
 
 @triton.jit
-def _bwd_dq_kernel(qkv, gout, gqkv, lse, delta, tab_in, tab_out, tab_qk, tab_v, tab_scale, HB, N, W, OW,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
+def _bwd_dq_kernel(qkv, gout, gqkv, lse, delta, tab_in, tab_out, tab_qk, tab_v, tab_scale, tab_h, bias, mask, NW,
+                   HB, N, W, OW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid = tl.program_id(1)
     b = (pid // HB).to(tl.int64)
-    in_off, out_off, dq, dv, scale = _head(tab_in, tab_out, tab_qk, tab_v, tab_scale, pid % HB)
+    in_off, out_off, dq, dv, scale, h = _head(tab_in, tab_out, tab_qk, tab_v, tab_scale, tab_h, pid % HB)
     qk_scale = scale * 1.4426950408889634
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dq = tl.arange(0, BLOCK_DQ)
@@ -206,7 +261,12 @@ def _bwd_dq_kernel(qkv, gout, gqkv, lse, delta, tab_in, tab_out, tab_qk, tab_v, 
         else:
             s = tl.dot(q, kt)
             dp = tl.dot(do, vt)
-        p = tl.math.exp2(s * qk_scale - l[:, None])
+        if HAS_BIAS or HAS_MASK:
+            s = s * qk_scale + _additive(bias, mask, h, b, NW, N, offs_m[:, None], offs_n[None, :],
+                                         mask_m[:, None] & mask_n[None, :], HAS_BIAS, HAS_MASK)
+            p = tl.math.exp2(s - l[:, None])
+        else:
+            p = tl.math.exp2(s * qk_scale - l[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
         ds = p * (dp - d[:, None])
         if IEEE:
@@ -244,9 +304,9 @@ def _tables(heads, qk_dims, v_dims, scales, device):
         _TABLES.clear()
     in_off, out_off = _head_offsets(qk_dims, v_dims)
     ints = torch.tensor([[in_off[h] for h in heads], [out_off[h] for h in heads], [qk_dims[h] for h in heads],
-                         [v_dims[h] for h in heads]], dtype=torch.int32).to(device)
+                         [v_dims[h] for h in heads], list(heads)], dtype=torch.int32).to(device)
     sc = torch.tensor([scales[h] for h in heads], dtype=torch.float32).to(device)
-    _TABLES[key] = hit = (ints[0], ints[1], ints[2], ints[3], sc)
+    _TABLES[key] = hit = (ints[0], ints[1], ints[2], ints[3], sc, ints[4])  # the kernels' tab_* order
     return hit
 
 
@@ -267,39 +327,53 @@ def _launch_args(qkv, qk_dims, v_dims, scales, bucketed):
         yield heads, _tables(heads, qk_dims, v_dims, scales, qkv.device), bdq, bdv
 
 
+def _extras(qkv, bias, mask):
+    """(bias, mask, nW, switches) as the kernels take them: fp32 contiguous tables; an absent one is a
+    placeholder pointer (qkv) its constexpr switch keeps from being read."""
+    b = qkv if bias is None else bias.to(torch.float32).contiguous()
+    m = qkv if mask is None else mask.to(torch.float32).contiguous()
+    return b, m, (1 if mask is None else mask.shape[0]), dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None)
+
+
 def forward(qkv: torch.Tensor, qk_dims, v_dims, scales, bucketed: bool = False, bias=None, mask=None) -> torch.Tensor:
-    if bias is not None or mask is not None:
-        raise NotImplementedError("nvit: uneven_attention: the Triton kernels take no bias/mask yet")
     B, N, W = qkv.shape
     OW = sum(v_dims)
     out = torch.empty((B, N, OW), dtype=qkv.dtype, device=qkv.device)
     ieee = qkv.dtype == torch.float32
+    bias_t, mask_t, nw, switches = _extras(qkv, bias, mask)
     for heads, tabs, bdq, bdv in _launch_args(qkv, qk_dims, v_dims, scales, bucketed):
-        bm, bn, nw = _blocks(bdq, bdv, False)
+        bm, bn, nwarps = _blocks(bdq, bdv, False)
         grid = (triton.cdiv(N, bm), B * len(heads))
-        _fwd_kernel[grid](qkv, out, *tabs, len(heads), N, W, OW, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQ=bdq,
-                          BLOCK_DV=bdv, IEEE=ieee, num_warps=nw)
+        _fwd_kernel[grid](qkv, out, *tabs, bias_t, mask_t, nw, len(heads), N, W, OW, BLOCK_M=bm, BLOCK_N=bn,
+                          BLOCK_DQ=bdq, BLOCK_DV=bdv, IEEE=ieee, num_warps=nwarps, **switches)
     return out
 
 
 def backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, qk_dims, v_dims, scales,
              bucketed: bool = False, bias=None, mask=None):
-    """(grad_qkv, grad_bias or None)."""
-    if bias is not None or mask is not None:
-        raise NotImplementedError("nvit: uneven_attention: the Triton kernels take no bias/mask yet")
+    """(grad_qkv, grad_bias as fp32 [H, N, N], or None without bias)."""
     B, N, W = qkv.shape
     OW = sum(v_dims)
+    H = len(qk_dims)
     grad_out = grad_out.to(qkv.dtype).contiguous()
     out = out.contiguous()
     gqkv = torch.empty_like(qkv)
     ieee = qkv.dtype == torch.float32
+    bias_t, mask_t, nw, switches = _extras(qkv, bias, mask)
+    slots = min(B, _GBIAS_SLOTS)
+    gslots = (torch.zeros((slots, H, N, N), dtype=torch.float32, device=qkv.device) if bias is not None
+              else qkv)  # placeholder when HAS_BIAS is off
     for heads, tabs, bdq, bdv in _launch_args(qkv, qk_dims, v_dims, scales, bucketed):
-        bm, bn, nw = _blocks(bdq, bdv, True)
+        bm, bn, nwarps = _blocks(bdq, bdv, True)
         hb = len(heads)
         lse = torch.empty((B * hb, N), dtype=torch.float32, device=qkv.device)
         delta = torch.empty_like(lse)
-        common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQ=bdq, BLOCK_DV=bdv, IEEE=ieee, num_warps=nw)
-        _bwd_stats_kernel[(triton.cdiv(N, bm), B * hb)](qkv, out, grad_out, lse, delta, *tabs, hb, N, W, OW, **common)
-        _bwd_dkdv_kernel[(triton.cdiv(N, bn), B * hb)](qkv, grad_out, gqkv, lse, delta, *tabs, hb, N, W, OW, **common)
-        _bwd_dq_kernel[(triton.cdiv(N, bm), B * hb)](qkv, grad_out, gqkv, lse, delta, *tabs, hb, N, W, OW, **common)
-    return gqkv, None
+        common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQ=bdq, BLOCK_DV=bdv, IEEE=ieee, num_warps=nwarps, **switches)
+        extra = (bias_t, mask_t, nw)
+        _bwd_stats_kernel[(triton.cdiv(N, bm), B * hb)](qkv, out, grad_out, lse, delta, *tabs, *extra, hb, N, W, OW,
+                                                        **common)
+        _bwd_dkdv_kernel[(triton.cdiv(N, bn), B * hb)](qkv, grad_out, gqkv, lse, delta, *tabs, *extra, gslots, slots,
+                                                       H, hb, N, W, OW, **common)
+        _bwd_dq_kernel[(triton.cdiv(N, bm), B * hb)](qkv, grad_out, gqkv, lse, delta, *tabs, *extra, hb, N, W, OW,
+                                                     **common)
+    return gqkv, (gslots.sum(0) if bias is not None else None)
