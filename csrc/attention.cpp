@@ -773,13 +773,17 @@ void register_attention(py::module_& m) {
   m.def(
       "uneven_attention_forward_cuda",
       [](uintptr_t qkv, uintptr_t out, int64_t B, int64_t N, int dtype, std::vector<int64_t> qk,
-         std::vector<int64_t> v, std::vector<double> scales, long long stream) {
+         std::vector<int64_t> v, std::vector<double> scales, long long stream, uintptr_t bias, uintptr_t mask,
+         int64_t nw) {
         py::gil_scoped_release nogil;
         uneven_attention_forward_cuda(reinterpret_cast<const void*>(qkv), reinterpret_cast<void*>(out), B, N, dtype,
-                                      qk, v, scales, stream);
+                                      qk, v, scales, reinterpret_cast<const void*>(bias),
+                                      reinterpret_cast<const void*>(mask), nw, stream);
       },
       py::arg("qkv"), py::arg("out"), py::arg("B"), py::arg("N"), py::arg("dtype"), py::arg("qk_dims"),
-      py::arg("v_dims"), py::arg("scales"), py::arg("stream"),
-      "CUDA forward (device pointers, stream handle); head dims <= attention_cuda_max_dim");
+      py::arg("v_dims"), py::arg("scales"), py::arg("stream"), py::arg("bias") = 0, py::arg("mask") = 0,
+      py::arg("nW") = 0,
+      "CUDA forward (device pointers, stream handle); head dims <= attention_cuda_max_dim; optional fp32 bias "
+      "[H,N,N] and mask [nW,N,N] (0 = absent)");
 #endif
 }

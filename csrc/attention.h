@@ -13,7 +13,8 @@ constexpr int kAttnCudaMaxHeads = 64;
 #ifdef NVIT_WITH_CUDA
 void uneven_attention_forward_cuda(const void* qkv, void* out, long B, long N, int dtype,
                                    const std::vector<int64_t>& qk, const std::vector<int64_t>& v,
-                                   const std::vector<double>& scales, long long stream);
+                                   const std::vector<double>& scales, const void* bias, const void* mask, long nw,
+                                   long long stream);  // bias [H,N,N], mask [nW,N,N]: fp32 device pointers or null
 #endif
 
 }  // namespace nvit

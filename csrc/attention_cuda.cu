@@ -4,6 +4,12 @@
 // head's own dims, so narrow heads do not pay the bucket's FLOPs) and runs an online softmax over key
 // tiles staged in shared memory, where every thread reads the same key row (a broadcast, no bank
 // conflicts). No tensor cores: this is the portable backend beside the Triton one, which is the default.
+//
+// Optional additive logits (Swin window attention), fp32: bias [H, N, N] and mask [nW, N, N] (batch b uses
+// mask[b % nW]). With them (the EXTRA instantiation), each key tile also stages bias + mask for the
+// block's queries in shared memory, loaded along keys (coalesced) and stored key-major, so in the inner
+// loop thread t reads column t of a row (conflict-free). Keys with a -inf logit are skipped, so a fully
+// masked query keeps l = 0 and gets output 0 instead of NaN.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -35,15 +41,23 @@ template <> __device__ __forceinline__ __nv_bfloat16 st<__nv_bfloat16>(float x) 
 
 constexpr int kThreads = 64;  // queries per block
 
-template <int DMAX> __host__ __device__ constexpr int keys_per_tile() { return DMAX <= 64 ? 64 : 32; }  // 32 KiB smem
+// Keys per shared-memory tile: K and V tiles take 32 KiB (16-32 KiB with EXTRA, plus the bias tile's
+// BK x 65 floats), below the 48 KiB of static shared memory.
+template <int DMAX, bool EXTRA> __host__ __device__ constexpr int keys_per_tile() {
+  return EXTRA ? (DMAX <= 32 ? 64 : 32) : (DMAX <= 64 ? 64 : 32);
+}
 
-template <typename S, int DMAX>
+template <typename S, int DMAX, bool EXTRA>
 __global__ void __launch_bounds__(kThreads) uneven_attention_fwd_kernel(const S* __restrict__ qkv,
                                                                          S* __restrict__ out, HeadTable tab,
-                                                                         int H, int N, long W, long OW) {
-  constexpr int BK = keys_per_tile<DMAX>();
+                                                                         int H, int N, long W, long OW,
+                                                                         const float* __restrict__ bias,
+                                                                         const float* __restrict__ mask, int nw,
+                                                                         int h0) {
+  constexpr int BK = keys_per_tile<DMAX, EXTRA>();
   __shared__ float ks[BK][DMAX];
   __shared__ float vs[BK][DMAX];
+  __shared__ float xs[EXTRA ? BK : 1][kThreads + 1];  // (bias + mask) * log2(e), key-major; +1: no bank conflicts
   const int h = blockIdx.x % H;
   const long b = blockIdx.x / H;
   const int dq = tab.qk[h], dv = tab.v[h];
@@ -70,12 +84,28 @@ __global__ void __launch_bounds__(kThreads) uneven_attention_fwd_kernel(const S*
       const int j = e / dv, c = e % dv;
       vs[j][c] = ld(base + (long)(j0 + j) * W + 2 * dq + c);
     }
+    if constexpr (EXTRA) {
+      const long q0 = (long)blockIdx.y * kThreads;
+      const float* brow = bias ? bias + (long)(h0 + h) * N * N : nullptr;
+      const float* mrow = mask ? mask + (b % nw) * N * N : nullptr;
+      for (int e = threadIdx.x; e < nk * kThreads; e += kThreads) {
+        const int t = e / nk, j = e % nk;
+        const long qi = q0 + t, at = qi * N + j0 + j;
+        float x = 0.f;
+        if (qi < N) x = (brow ? brow[at] : 0.f) + (mrow ? mrow[at] : 0.f);
+        xs[j][t] = x * 1.4426950408889634f;
+      }
+    }
     __syncthreads();
     for (int j = 0; j < nk; ++j) {
       float s = 0.f;
 #pragma unroll
       for (int d = 0; d < DMAX; ++d)
         if (d < dq) s += q[d] * ks[j][d];
+      if constexpr (EXTRA) {
+        s += xs[j][threadIdx.x];
+        if (s == -INFINITY) continue;  // weight 0; skipping also keeps m = -inf from making NaN
+      }
       const float m_new = fmaxf(m, s);
       const float alpha = exp2f(m - m_new), p = exp2f(s - m_new);
       l = l * alpha + p;
@@ -86,25 +116,35 @@ __global__ void __launch_bounds__(kThreads) uneven_attention_fwd_kernel(const S*
     }
   }
   if (!valid) return;
-  const float inv = 1.f / l;
+  const float inv = l > 0.f ? 1.f / l : 0.f;  // l = 0 only when every logit is -inf (EXTRA): output 0
   S* o = out + (b * N + i) * OW + tab.out_off[h];
 #pragma unroll
   for (int c = 0; c < DMAX; ++c)
     if (c < dv) o[c] = st<S>(acc[c] * inv);
 }
 
+template <typename S, bool EXTRA>
+void launch_dims(const S* x, S* y, const HeadTable& tab, int H, int dmax, dim3 grid, long N, long W, long OW,
+                 const float* bias, const float* mask, int nw, int h0, cudaStream_t stream) {
+  if (dmax <= 32)
+    uneven_attention_fwd_kernel<S, 32, EXTRA><<<grid, kThreads, 0, stream>>>(x, y, tab, H, N, W, OW, bias, mask, nw, h0);
+  else if (dmax <= 64)
+    uneven_attention_fwd_kernel<S, 64, EXTRA><<<grid, kThreads, 0, stream>>>(x, y, tab, H, N, W, OW, bias, mask, nw, h0);
+  else
+    uneven_attention_fwd_kernel<S, 128, EXTRA><<<grid, kThreads, 0, stream>>>(x, y, tab, H, N, W, OW, bias, mask, nw,
+                                                                               h0);
+}
+
 template <typename S>
 void launch(const void* qkv, void* out, const HeadTable& tab, int H, int dmax, long B, long N, long W, long OW,
-            cudaStream_t stream) {
+            const float* bias, const float* mask, int nw, int h0, cudaStream_t stream) {
   dim3 grid(B * H, (N + kThreads - 1) / kThreads);  // B*H on x: its limit is 2^31-1, y's is 65535
   auto* x = static_cast<const S*>(qkv);
   auto* y = static_cast<S*>(out);
-  if (dmax <= 32)
-    uneven_attention_fwd_kernel<S, 32><<<grid, kThreads, 0, stream>>>(x, y, tab, H, N, W, OW);
-  else if (dmax <= 64)
-    uneven_attention_fwd_kernel<S, 64><<<grid, kThreads, 0, stream>>>(x, y, tab, H, N, W, OW);
+  if (bias || mask)
+    launch_dims<S, true>(x, y, tab, H, dmax, grid, N, W, OW, bias, mask, nw, h0, stream);
   else
-    uneven_attention_fwd_kernel<S, 128><<<grid, kThreads, 0, stream>>>(x, y, tab, H, N, W, OW);
+    launch_dims<S, false>(x, y, tab, H, dmax, grid, N, W, OW, nullptr, nullptr, 1, h0, stream);
   NVIT_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -112,7 +152,8 @@ void launch(const void* qkv, void* out, const HeadTable& tab, int H, int dmax, l
 
 void uneven_attention_forward_cuda(const void* qkv, void* out, long B, long N, int dtype,
                                    const std::vector<int64_t>& qk, const std::vector<int64_t>& v,
-                                   const std::vector<double>& scales, long long stream) {
+                                   const std::vector<double>& scales, const void* bias, const void* mask, long nw,
+                                   long long stream) {
   NVIT_CHECK(!qk.empty() && qk.size() == v.size() && qk.size() == scales.size(),
              "uneven_attention (CUDA): qk_dims, v_dims and scales need one entry per head");
   NVIT_CHECK(B >= 1 && N >= 1, "uneven_attention (CUDA): B and N must be >= 1");
@@ -126,6 +167,8 @@ void uneven_attention_forward_cuda(const void* qkv, void* out, long B, long N, i
     W += 2 * qk[h] + v[h];
     OW += v[h];
   }
+  NVIT_CHECK(!mask || (nw >= 1 && B % nw == 0),
+             "uneven_attention (CUDA): the batch must be a multiple of the mask's nW >= 1");
   NVIT_CHECK(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16,
              std::string("uneven_attention (CUDA): unsupported dtype ") + dtype_name(dtype));
   long in_off = 0, out_off = 0;
@@ -146,10 +189,13 @@ void uneven_attention_forward_cuda(const void* qkv, void* out, long B, long N, i
       out_off += v[h];
     }
     cudaStream_t s = as_stream(stream);
+    const auto* bf = static_cast<const float*>(bias);
+    const auto* mf = static_cast<const float*>(mask);
+    const int nwi = mask ? static_cast<int>(nw) : 1, h0i = static_cast<int>(h0);
     switch (dtype) {
-      case kFloat32: launch<float>(qkv, out, tab, H, dmax, B, N, W, OW, s); break;
-      case kFloat16: launch<__half>(qkv, out, tab, H, dmax, B, N, W, OW, s); break;
-      default: launch<__nv_bfloat16>(qkv, out, tab, H, dmax, B, N, W, OW, s); break;
+      case kFloat32: launch<float>(qkv, out, tab, H, dmax, B, N, W, OW, bf, mf, nwi, h0i, s); break;
+      case kFloat16: launch<__half>(qkv, out, tab, H, dmax, B, N, W, OW, bf, mf, nwi, h0i, s); break;
+      default: launch<__nv_bfloat16>(qkv, out, tab, H, dmax, B, N, W, OW, bf, mf, nwi, h0i, s); break;
     }
   }
 }

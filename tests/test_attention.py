@@ -580,3 +580,78 @@ def test_cpp_extras_task_layouts(threads, dtype):
                 assert (got.double() - want).abs().max().item() <= rel * max(1.0, want.abs().max().item())
     finally:
         torch.set_num_threads(prev)
+
+
+# ---- CUDA with bias / mask (Triton forward+backward; the CUDA kernels' forward, Triton backward) -------
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads", HEADS, ids=["small", "wide"])
+@pytest.mark.parametrize("bnw", WINDOW_SHAPES, ids=lambda s: f"B{s[0]}N{s[1]}W{s[2]}")
+@pytest.mark.parametrize("kind", EXTRAS)
+def test_cuda_forward_extras_match_reference(backend, dtype, heads, bnw, kind):
+    dev = torch.device("cuda")
+    if not dispatch.can_run(backend, dev)[0]:
+        pytest.skip(dispatch.can_run(backend, dev)[1])
+    qk_dims, v_dims = heads
+    b, n, nw = bnw
+    qkv = make_qkv(b, n, qk_dims, v_dims, dtype, spread=2.0)
+    scales = default_scales(qk_dims)
+    bias, mask = extras_for(kind, len(qk_dims), b, n, nw)
+    ref = uneven_attention_reference(qkv, qk_dims, v_dims, scales, bias=bias, mask=mask)
+    with dispatch.use_backend(backend):
+        out = uneven_attention(qkv.to(dev), qk_dims, v_dims, scales, bias=None if bias is None else bias.to(dev),
+                               mask=None if mask is None else mask.to(dev))
+    err = (out.cpu().double() - ref).abs().max().item()
+    base = (stock_with_extras(qkv, qk_dims, v_dims, scales, bias, mask).double() - ref).abs().max().item()
+    tol = max(2 * base, 4 * torch.finfo(dtype).eps)
+    assert err <= tol, f"{backend} {dtype} {kind}: max err {err:.3e} > tol {tol:.3e} (stock torch err {base:.3e})"
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("bucketed", [False, True])
+@pytest.mark.parametrize("neg", [-100.0, float("-inf")], ids=["m100", "minf"])
+def test_cuda_backward_extras_match_reference(backend, bucketed, neg):
+    dev = torch.device("cuda")
+    if not dispatch.can_run(backend, dev)[0]:
+        pytest.skip(dispatch.can_run(backend, dev)[1])
+    from nvit_kernels import triton_attention
+
+    qk_dims, v_dims = [64, 1, 17, 100], [3, 40, 64, 8]
+    scales = default_scales(qk_dims)
+    b, n, nw = 64, 49, 4  # 16 images of 4 windows: more windows than grad_bias slots
+    x = make_qkv(b, n, qk_dims, v_dims, torch.float32, seed=6)
+    g = torch.randn(b, n, sum(v_dims), generator=torch.Generator().manual_seed(7))
+    bias, mask = make_bias(4, n), make_mask(nw, n, neg=neg)
+    if neg == float("-inf"):
+        mask[1, 3, :] = neg  # a fully masked query
+    x64, b64 = x.double().requires_grad_(), bias.double().requires_grad_()
+    uneven_attention_reference(x64, qk_dims, v_dims, scales, bias=b64, mask=mask).backward(g.double())
+    xc, bc, mc = x.to(dev).requires_grad_(), bias.to(dev).requires_grad_(), mask.to(dev)
+    with dispatch.use_backend(backend):
+        out = uneven_attention(xc, qk_dims, v_dims, scales, bias=bc, mask=mc)
+        out.backward(g.to(dev))
+    for got, want in ((xc.grad, x64.grad), (bc.grad, b64.grad)):
+        assert (got.cpu().double() - want).abs().max().item() <= 2e-5 * max(1.0, want.abs().max().item())
+    gq, gb = triton_attention.backward(g.to(dev), xc.detach(), out.detach(), qk_dims, v_dims, scales,
+                                       bucketed=bucketed, bias=bc.detach(), mask=mc)
+    for got, want in ((gq, x64.grad), (gb, b64.grad)):
+        assert (got.cpu().double() - want).abs().max().item() <= 2e-5 * max(1.0, want.abs().max().item())
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_opcheck_extras(backend):
+    dev = torch.device("cuda")
+    if not dispatch.can_run(backend, dev)[0]:
+        pytest.skip(dispatch.can_run(backend, dev)[1])
+    qk_dims, v_dims = [3, 1, 5], [2, 4, 1]
+    x = make_qkv(4, 7, qk_dims, v_dims, torch.float32, device=dev, seed=4).requires_grad_()
+    bias = make_bias(3, 7).to(dev).requires_grad_()
+    with dispatch.use_backend(backend):
+        torch.library.opcheck(torch.ops.nvit.uneven_attention.default,
+                              (x, qk_dims, v_dims, [0.5, 1.0, 0.3], bias, make_mask(2, 7).to(dev)))
