@@ -10,6 +10,7 @@ from . import timm_family  # noqa: F401  (timm.create_model("nvit" / "local-dir:
 _EXPORTS = {
     "load": "io", "save": "io",
     "BlockConfig": "model", "NViT": "model", "NViTConfig": "model",
+    "NViTSwin": "model_swin", "NViTSwinConfig": "model_swin",
     "Pruner": "pruner", "Target": "pruner", "TargetUnreachableError": "pruner",
     "Masks": "structures", "UnsupportedModelError": "structures", "Adapter": "structures",
 }
