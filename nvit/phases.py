@@ -275,6 +275,9 @@ class Run:
 
         s = self.s
         cfg, grid = self.dense_grid
+        if cfg.family != "vit":  # refused before anything is measured
+            raise RunError(f"--target-metric latency / --eta: the latency table measures ViT blocks, not {cfg.family} "
+                           "blocks; use --target-metric flops or params")
         t0 = time.time()
         table = None
         if self.p.main:
@@ -424,7 +427,7 @@ class Run:
     def finetune_model(self, target: float, ck: dict | None) -> dict:
         """The model of one target, fine-tuned (or read back, if an earlier attempt of this run finished
         it): {"target", "model", "pruning", "top1"}."""
-        from .model import NViT, NViTConfig
+        from .io import build_from_dict
 
         done = finished_path(self.out, target)
         if done.exists():
@@ -432,7 +435,7 @@ class Run:
         else:
             snap = torch.load(snapshot_path(self.out, target), map_location="cpu", weights_only=True)
             cfg = ck["nvit_config"] if ck is not None else snap["nvit_config"]
-            nv = NViT(NViTConfig.from_dict(cfg))
+            nv = build_from_dict(cfg)  # NViT or NViT-Swin, told apart by the config
             nv.load_state_dict(snap["model"])
             nv = self.finetune_phase(nv.to(self.device), ck, target=target)
             top1 = self.evaluate(nv, progress=True)
@@ -440,7 +443,7 @@ class Run:
             d = {"target": target, "nvit_config": nv.config.to_dict(), "model": nv.state_dict(),
                  "pruning": snap["pruning"], "top1": top1}
             engine.save_checkpoint(d, done, self.p)
-        nv = NViT(NViTConfig.from_dict(d["nvit_config"]))
+        nv = build_from_dict(d["nvit_config"])
         nv.load_state_dict(d["model"])
         return {"target": target, "model": nv.to(self.device).eval(), "pruning": d["pruning"], "top1": d["top1"]}
 

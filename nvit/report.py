@@ -20,7 +20,6 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
     models: one per target, in target order ({"target", "model", "pruning", "top1"}); the last is the
     run's main result ("pruned"). One model is saved to model/, several to model_<target>/."""
     from . import io as nvio
-    from .cost import count_flops, count_params
     from .inputs import input_shape
     from .latency import device_name, measure_model_latency
 
@@ -28,7 +27,17 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
     if not r.p.main:
         r.p.barrier()  # rank 0 measures and writes
         return None
-    dense_cfg = NViTConfig.from_dict(models[-1]["pruning"]["dense_config"])
+    from .families import family_of
+
+    dense_cfg = nvio.config_from_dict(models[-1]["pruning"]["dense_config"])
+    widths = family_of(r.dense).embed_widths  # per stage (Swin), or the one embedding width
+
+    def count_params(cfg):
+        return nvio.count("params", cfg)
+
+    def count_flops(cfg):
+        return nvio.count("flops", cfg)
+
     shape = input_shape(r.dense)
     nets = [("dense", r.dense)] + [(m["target"], m["model"]) for m in models]
     lat = {name: math.inf for name, _ in nets}
@@ -50,6 +59,7 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
             "ratios": {"params": dense["params"] / count_params(cfg), "flops": dense["flops"] / count_flops(cfg),
                        "speedup": lat["dense"] / lat[t]},
             "architecture": {"embed_dim": cfg.embed_dim, "dense_embed_dim": dense_cfg.embed_dim,
+                             "embed_dims": widths(cfg), "dense_embed_dims": widths(dense_cfg),
                              "blocks": [dataclasses.asdict(b) for b in cfg.blocks]},
             "prune_steps": m["pruning"]["history"]})
         record_preprocessing(m["model"], r.data_desc)
@@ -84,7 +94,7 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
         masks = m["pruning"]["masks"]
         name = f"masks_{m['target']:g}.safetensors" if several else "masks.safetensors"
         atomic_write(out / name, lambda tmp, masks=masks: save_file({k: v.to(torch.uint8) for k, v in masks.items()}, tmp))
-    plot_dims(dense_cfg, [(f"target {m['target']:g}", m["model"].config) for m in models], out / "dims.png",
+    plot_dims(dense_cfg, [(f"target {m['target']:g}", m["model"].config) for m in models], out / "dims.png", widths,
               title=f"NViT ({s['granularity']}) — {s['target_metric']} target {', '.join(f'{t:g}' for t in s['target'])}")
     atomic_write_json(out / "report.json", report)
     for f in ("checkpoint.pt", "pruning.pt"):  # resume state: the run is complete now
@@ -124,11 +134,11 @@ def record_preprocessing(nv, data_desc: dict) -> None:
     nv.pretrained_cfg = nv.config.pretrained_cfg()
 
 
-def plot_dims(dense: NViTConfig, pruned: list[tuple[str, NViTConfig]], path: Path, title: str = "") -> None:
+def plot_dims(dense: NViTConfig, pruned: list[tuple[str, NViTConfig]], path: Path, widths, title: str = "") -> None:
     """PNG of heads, QK dims, V dims and MLP width per block, dense (grey bars) vs each pruned model
     (blue bars for one, a line per model for several), like the paper's redistribution figures.
     QK/V are summed over heads (per-head dims can differ); a removed attention (MLP) branch is marked
-    ✕ on its axes."""
+    ✕ on its axes. widths(config): the embedding width of each stage (its family's embed_widths)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,13 +165,18 @@ def plot_dims(dense: NViTConfig, pruned: list[tuple[str, NViTConfig]], path: Pat
         ax.set_xlabel("block")
         ax.set_xticks(x)
     axes[0].legend(loc="lower left", fontsize=8)
-    embeds = ", ".join(str(cfg.embed_dim) for _, cfg in pruned)
-    fig.suptitle(f"{title}   embedding {embeds}/{dense.embed_dim}".strip())
+    embeds = ", ".join(_widths_text(widths(cfg)) for _, cfg in pruned)
+    fig.suptitle(f"{title}   embedding {embeds}/{_widths_text(widths(dense))}".strip())
     fig.tight_layout()
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
+
+
+def _widths_text(widths: list[int]) -> str:
+    """128, or 96·192·384 per stage."""
+    return "·".join(str(w) for w in widths)
 
 
 def summary_text(report: dict, out: Path) -> str:
@@ -188,7 +203,8 @@ def summary_text(report: dict, out: Path) -> str:
         else:
             attn = f"{'attention branch removed':^36s}"
         lines.append(f"    {i:2d}: {attn} | {b['mlp'] if b['mlp'] else 'MLP branch removed'}")
-    lines.append(f"  embedding {report['architecture']['embed_dim']}/{report['architecture']['dense_embed_dim']}; "
+    arch = report["architecture"]
+    lines.append(f"  embedding {_widths_text(arch['embed_dims'])}/{_widths_text(arch['dense_embed_dims'])}; "
                  f"took {report['timings'].get('total_s', 0):.0f} s")
     if report.get("latency_table_check"):
         errs = ", ".join(f"{name} {c['error'] * 100:+.1f}%" for name, c in report["latency_table_check"].items())

@@ -12,12 +12,8 @@ from nvit.model_swin import NViTSwin
 from test_prune_cli import FAST, _image_folder, _run
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "nvit/phases.py (Run.finetune_model) and nvit/report.py (finish) still build NViTConfig/NViT and count "
-    "with nvit.cost by name; they must use nvit.io.build_from_dict / config_from_dict / count. Verified "
-    "passing with those three changes applied (not committed: not this change's files); remove this mark "
-    "when they land"))
 def test_swin_checkpoint_end_to_end(tmp_path):
+    """A Swin checkpoint pruned, converted, fine-tuned and reported by the CLI; saved, reloaded by nvit and timm."""
     root = _image_folder(tmp_path / "data", size=40, classes=2, train=8)
     torch.manual_seed(0)
     # a Swin-T entrypoint with a smaller shape: the CLI reads the stages' shapes from the checkpoint
@@ -31,9 +27,22 @@ def test_swin_checkpoint_end_to_end(tmp_path):
     assert rc == 0
     r = json.loads((out / "report.json").read_text())
     assert r["pruned"]["flops"] <= 0.6 * r["dense"]["flops"]
+    assert r["architecture"]["dense_embed_dims"] == [16, 32] and len(r["architecture"]["embed_dims"]) == 2
     back = nvit.load(out / "model")
     assert isinstance(back, NViTSwin) and back.config.family == "swin" and len(back.config.embed_dims) == 2
     via_timm = timm.create_model(f"local-dir:{out / 'model'}", pretrained=True).eval()
     x = torch.randn(2, 3, 40, 40)
     with torch.no_grad():
         assert torch.equal(back(x), via_timm(x))
+
+
+def test_swin_latency_target_refused_before_measuring(tmp_path, capsys):
+    """The latency table measures ViT blocks: a Swin run asking for latency stops with the reason (exit 2)."""
+    root = _image_folder(tmp_path / "data", size=32, classes=2, train=4)
+    dense = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, num_classes=2,
+                              depths=(2,), num_heads=(1,), embed_dim=8, window_size=4)
+    ck = tmp_path / "swin.safetensors"
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(ck))
+    rc = _run(["--model", "swin_tiny_patch4_window7_224", "--checkpoint", ck, "--img-size", 32, "--data", root,
+               "--out", tmp_path / "run", *FAST, "--target-metric", "latency"])
+    assert rc == 2 and "measures ViT blocks, not swin" in capsys.readouterr().err
