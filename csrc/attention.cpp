@@ -396,10 +396,11 @@ struct Extras {
   bool any() const { return bias || mask; }
 };
 
-// dst[m][j][i] = src[m][i][j] for i < N, 0 for N <= i < np.
+// dst[m][j][i] = src[m][i][j] for i < N, 0 for N <= i < np. Serial: (H + nW) N^2 copies are well under
+// 1% of the attention's B H N^2 (qk + v) FMAs, and another parallel region (its fork and barrier) costs more
+// than that on a busy machine.
 template <typename T>
-void transpose_tables(const T* src, long count, long N, long np, T* dst, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+void transpose_tables(const T* src, long count, long N, long np, T* dst) {
   for (long mj = 0; mj < count * N; ++mj) {
     const long m = mj / N, j = mj % N;
     T* row = dst + mj * np;
@@ -410,18 +411,18 @@ void transpose_tables(const T* src, long count, long N, long np, T* dst, int nth
 }
 
 template <typename T>
-void prepare_extras(Extras<T>& ex, const T* bias, const T* mask, long nw, const Heads& hd, int nthreads) {
+void prepare_extras(Extras<T>& ex, const T* bias, const T* mask, long nw, const Heads& hd) {
   ex.bias = bias;
   ex.mask = mask;
   ex.nw = nw;
   ex.np = round_up(hd.N, Simd<T>::W);
   if (bias) {
     ex.bias_t.need(hd.H * hd.N * ex.np);
-    transpose_tables(bias, hd.H, hd.N, ex.np, ex.bias_t.p, nthreads);
+    transpose_tables(bias, hd.H, hd.N, ex.np, ex.bias_t.p);
   }
   if (mask) {
     ex.mask_t.need(nw * hd.N * ex.np);
-    transpose_tables(mask, nw, hd.N, ex.np, ex.mask_t.p, nthreads);
+    transpose_tables(mask, nw, hd.N, ex.np, ex.mask_t.p);
   }
 }
 
@@ -732,7 +733,7 @@ void register_attention(py::module_& m) {
           using T = std::remove_pointer_t<decltype(t_tag)>;
           const int nt = std::max(1, nthreads);
           Extras<T> ex;
-          prepare_extras(ex, reinterpret_cast<const T*>(bias), reinterpret_cast<const T*>(mask), nw, hd, nt);
+          prepare_extras(ex, reinterpret_cast<const T*>(bias), reinterpret_cast<const T*>(mask), nw, hd);
           forward_impl<S, T>(reinterpret_cast<const S*>(qkv), reinterpret_cast<S*>(out), hd, ex, nt);
         });
       },
@@ -756,7 +757,7 @@ void register_attention(py::module_& m) {
           using T = std::remove_pointer_t<decltype(t_tag)>;
           const int nt = std::max(1, nthreads);
           Extras<T> ex;
-          prepare_extras(ex, reinterpret_cast<const T*>(bias), reinterpret_cast<const T*>(mask), nw, hd, nt);
+          prepare_extras(ex, reinterpret_cast<const T*>(bias), reinterpret_cast<const T*>(mask), nw, hd);
           backward_impl<S, T>(reinterpret_cast<const S*>(gout), reinterpret_cast<const S*>(qkv),
                               reinterpret_cast<const S*>(out), reinterpret_cast<S*>(gqkv), hd, ex,
                               reinterpret_cast<T*>(gbias), nt);
