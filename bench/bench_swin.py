@@ -96,6 +96,6 @@ def test_nvit_swin_vs_dense_swin_b(benchmark, variant, batch):
             embed_dims=c.embed_dims, gflops_dense=f_dense * batch / 1e9, gflops_pruned=f_pruned * batch / 1e9,
             flops_reduction=round(red, 3), ms_dense=t_dense * 1e3, ms_nvit=t_nv * 1e3, speedup=round(speedup, 3),
             speedup_vs_flops=round(speedup / red, 3))
-        print(f"\nSwin-B {variant} B={batch}: {red:.2f}x fewer FLOPs, {speedup:.2f}x faster "
-              f"({t_dense * 1e3:.0f} -> {t_nv * 1e3:.0f} ms, attention backend {benchmark.extra_info['attention_backend']})")
+        print(f"\nSwin-B {variant} B={batch}: {red:.2f}x fewer FLOPs, {speedup:.2f}x faster ({t_dense * 1e3:.0f} -> "
+              f"{t_nv * 1e3:.0f} ms, attention backend {benchmark.extra_info['attention_backend']})")
         benchmark.pedantic(lambda: nv(x), rounds=1, iterations=1, warmup_rounds=0)

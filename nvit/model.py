@@ -116,16 +116,7 @@ class NViTConfig:
 
     def pretrained_cfg(self) -> dict:
         """timm's pretrained config of this model: what timm.data.resolve_data_config reads."""
-        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-        rgb = self.in_chans == 3
-        cfg = {"input_size": [self.in_chans, self.img_size, self.img_size],
-               "mean": list(IMAGENET_DEFAULT_MEAN) if rgb else [0.5] * self.in_chans,
-               "std": list(IMAGENET_DEFAULT_STD) if rgb else [0.5] * self.in_chans,
-               "crop_pct": 0.9, "interpolation": "bicubic", "num_classes": self.num_classes,
-               "first_conv": "patch_embed.proj", "classifier": "head"}
-        cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in self.data.items()})
-        return cfg
+        return timm_pretrained_cfg(self.in_chans, (self.img_size, self.img_size), self.num_classes, "head", self.data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,6 +128,22 @@ class NViTConfig:
         if unknown:
             raise ValueError(f"nvit: unknown config keys {sorted(unknown)}")
         return cls(**d)
+
+
+def timm_pretrained_cfg(in_chans: int, img_hw, num_classes: int, classifier: str, data: dict) -> dict:
+    """timm's pretrained config of a converted model: input size, the preprocessing its weights expect
+    (`data`: the source's; unset keys take timm's defaults, ImageNet statistics for 3 channels, 0.5/0.5
+    otherwise), its classifier."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    rgb = in_chans == 3
+    cfg = {"input_size": [in_chans, *img_hw],
+           "mean": list(IMAGENET_DEFAULT_MEAN) if rgb else [0.5] * in_chans,
+           "std": list(IMAGENET_DEFAULT_STD) if rgb else [0.5] * in_chans,
+           "crop_pct": 0.9, "interpolation": "bicubic", "num_classes": num_classes,
+           "first_conv": "patch_embed.proj", "classifier": classifier}
+    cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()})
+    return cfg
 
 
 class LayerScale(nn.Module):

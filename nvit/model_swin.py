@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from nvit_kernels.attention import uneven_attention
 
 from .cost import attention_flops  # also registers the attention op's FLOP formula with FlopCounterMode
-from .model import BlockConfig, Mlp
+from .model import BlockConfig, Mlp, timm_pretrained_cfg
 
 
 @dataclass
@@ -41,7 +41,7 @@ class NViTSwinConfig:
     num_classes: int
     embed_dims: list[int]        # per stage
     blocks: list[SwinBlockConfig]
-    window_sizes: list[list[int]]  # per stage: the source model's window [h, w] (clipped to small maps)
+    window_sizes: list[list[int]]  # per stage: the source's window [h, w] (timm's, or the map if smaller)
     qkv_bias: bool = True
     patch_norm: bool = True
     norm_eps: float = 1e-5
@@ -97,11 +97,7 @@ class NViTSwinConfig:
         return tuple(r if r <= w else w for r, w in zip(self.resolution(stage), self.window_sizes[stage]))
 
     def pretrained_cfg(self) -> dict:
-        from .model import NViTConfig
-
-        cfg = NViTConfig.pretrained_cfg(self)  # the same preprocessing keys; only the input size and head differ
-        cfg.update(input_size=[self.in_chans, *self.img_size], classifier="head.fc")
-        return cfg
+        return timm_pretrained_cfg(self.in_chans, self.img_size, self.num_classes, "head.fc", self.data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -387,7 +387,8 @@ class Pruner:
 
     def _allowed(self, g: _Group) -> bool:
         """Guards: never remove the last head, QK dim, V dim, MLP channel of a block (of a head in
-        per-head granularity), nor the last embedding channel (of a stage); only a branch unit removes a whole branch."""
+        per-head granularity), nor the last embedding channel of a stage; only a branch unit removes a whole
+        branch."""
         M, n = self.masks, len(g.units)
         if g.kind == QK and not self.adapter.qk_prunable:
             return False  # q/k norm: removing a QK dim changes the other dims' normalisation

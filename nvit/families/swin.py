@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..model_swin import NViTSwin, NViTSwinConfig, SwinBlockConfig, count_flops, count_params, block_flops, block_params
+from ..model_swin import (NViTSwin, NViTSwinConfig, SwinBlockConfig, block_flops, block_params, count_flops,
+                          count_params)
 from ..spec import EMBED, HEAD, BlockDims, Dims, Masks, Slice, UnsupportedModelError
 from .vit import ViTFamily, _is_layernorm, data_config
 
@@ -31,10 +32,10 @@ def timm_shape_kwargs(state: dict) -> dict:
     (A window timm shrank to a small map is stored as that map's window: it builds the same model.)"""
     import math
 
-    tables = {}
+    tables = {}  # (stage, block) → shape of the block's bias table [(2w-1)², heads]
     for k, v in state.items():
         parts = k.split(".")
-        if len(parts) == 6 and parts[0] == "layers" and parts[2] == "blocks" and k.endswith("attn.relative_position_bias_table"):
+        if len(parts) == 6 and (parts[0], parts[2], parts[5]) == ("layers", "blocks", "relative_position_bias_table"):
             tables[(int(parts[1]), int(parts[3]))] = v.shape
     if not tables or "patch_embed.proj.weight" not in state:
         return {}
@@ -59,7 +60,7 @@ class SwinFamily(ViTFamily):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.is_nvit = isinstance(model, NViTSwin)
-        # (flat block index, stage, prefix, module) of every block
+        # (stage, parameter prefix, module) of every block, in the flat order of the block indices
         self.blocks = [(s, f"layers.{s}.blocks.{i}.", blk) for s, layer in enumerate(model.layers)
                        for i, blk in enumerate(layer.blocks)]
 
@@ -123,15 +124,6 @@ class SwinFamily(ViTFamily):
                     bad.append(f"{p}.{n}: {type(getattr(blk, n)).__name__} (only LayerNorm)")
             bad += self.mlp_problems(p, blk)
         return bad
-
-    def mlp_problems(self, p: str, blk: nn.Module) -> list[str]:
-        from timm.layers import Mlp as TimmMlp
-
-        if type(blk.mlp) is not TimmMlp or not isinstance(blk.mlp.norm, nn.Identity):
-            return [f"{p}.mlp: {type(blk.mlp).__name__} (only timm's Mlp without norm)"]
-        if not isinstance(blk.mlp.act, nn.GELU):
-            return [f"{p}.mlp.act: {type(blk.mlp.act).__name__} (only GELU)"]
-        return []
 
     def qk_prunable(self) -> bool:
         return True

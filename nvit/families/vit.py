@@ -114,7 +114,6 @@ class ViTFamily(Family):
 
     def block_problems(self, p: str, blk: nn.Module) -> list[str]:
         """What this family cannot prune exactly in one block of a timm model."""
-        from timm.layers import Mlp as TimmMlp
         from timm.layers.attention import Attention as TimmAttention
         from timm.models.vision_transformer import Block as TimmBlock
 
@@ -125,11 +124,17 @@ class ViTFamily(Family):
             bad.append(f"{p}.attn: {type(blk.attn).__name__} (only timm's Attention)")
         elif not isinstance(getattr(blk.attn, "norm", nn.Identity()), nn.Identity) or getattr(blk.attn, "gate", None) is not None:
             bad.append(f"{p}.attn: scale_norm/gated attention")
+        return bad + self.mlp_problems(p, blk)
+
+    def mlp_problems(self, p: str, blk: nn.Module) -> list[str]:
+        """The block's MLP must be timm's plain GELU Mlp."""
+        from timm.layers import Mlp as TimmMlp
+
         if type(blk.mlp) is not TimmMlp or not isinstance(blk.mlp.norm, nn.Identity):
-            bad.append(f"{p}.mlp: {type(blk.mlp).__name__} (only timm's Mlp without norm)")
-        elif not isinstance(blk.mlp.act, nn.GELU):
-            bad.append(f"{p}.mlp.act: {type(blk.mlp.act).__name__} (only GELU)")
-        return bad
+            return [f"{p}.mlp: {type(blk.mlp).__name__} (only timm's Mlp without norm)"]
+        if not isinstance(blk.mlp.act, nn.GELU):
+            return [f"{p}.mlp.act: {type(blk.mlp.act).__name__} (only GELU)"]
+        return []
 
     def qk_prunable(self) -> bool:
         if self.is_nvit:
