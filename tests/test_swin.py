@@ -25,6 +25,10 @@ ODD = dict(img_size=20, patch_size=2, embed_dim=8, depths=(2, 2, 2), num_heads=(
 SMALL = dict(img_size=56, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=7)
 # one stage with an odd map not divisible by the window: 9×9 with window 4 → padded to 12, shifted
 PADDED = dict(img_size=18, patch_size=2, embed_dim=12, depths=(3,), num_heads=(3,), window_size=4)
+# a non-square image and window (maps 10×14 and 5×7, window 4×3, shift 2×1) and heads wider than the
+# embedding / heads (head_dim 6: attention width 12 over an 8-wide stream)
+RECT = dict(img_size=(20, 28), patch_size=2, embed_dim=8, depths=(2, 2), num_heads=(2, 2), window_size=(4, 3),
+            head_dim=6)
 
 
 def tiny_swin(cfg=ODD, seed=0, dtype=torch.float32, **kw):
@@ -39,7 +43,8 @@ def tiny_swin(cfg=ODD, seed=0, dtype=torch.float32, **kw):
 
 def _image(cfg, n=2, seed=0, dtype=torch.float32):
     s = cfg["img_size"]
-    return torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    h, w = s if isinstance(s, tuple) else (s, s)
+    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def _gated_loss(model, gran, gates, x, y):
@@ -81,13 +86,15 @@ def _gated_loss(model, gran, gates, x, y):
             h.remove()
 
 
+@pytest.mark.parametrize("cfg", [ODD, RECT], ids=["odd", "rect"])
 @pytest.mark.parametrize("gran", GRANS)
-def test_swin_saliency_equals_gate_derivative(gran):
-    model = tiny_swin(dtype=torch.float64)
+def test_swin_saliency_equals_gate_derivative(cfg, gran):
+    model = tiny_swin(cfg, dtype=torch.float64)
     a = Adapter(model)
-    assert a.family.name == "swin" and a.dims.embed == [8, 16, 32]
+    S = len(cfg["depths"])
+    assert a.family.name == "swin" and a.dims.embed == [8 * 2 ** s for s in range(S)]
     pairs, units = a.saliency_maps(gran, branches=True)
-    x, y = _image(ODD, 3, dtype=torch.float64), torch.tensor([0, 3, 1])
+    x, y = _image(cfg, 3, dtype=torch.float64), torch.tensor([0, 3, 1])
     ones = lambda *s: torch.ones(s, dtype=torch.float64, requires_grad=True)  # noqa: E731
     gates = {"embed": [ones(w) for w in a.dims.embed]}
     for b, bd in enumerate(a.dims.blocks):
@@ -119,7 +126,7 @@ def test_swin_saliency_equals_gate_derivative(gran):
     assert torch.allclose(got, expect, rtol=1e-5, atol=1e-8 * scale)
     for k in (EMBED, HEAD, QK, V, MLP, ATTN_BRANCH, MLP_BRANCH):
         assert float(expect[units.kind == k].abs().sum()) > 0
-    for s in range(3):  # every stage's embedding is scored
+    for s in range(S):  # every stage's embedding is scored
         assert float(expect[(units.kind == EMBED) & (units.block == s)].abs().sum()) > 0
 
 
@@ -140,7 +147,7 @@ def _check_converted(model, a, M, x, tol=1e-5):
     return nv, err
 
 
-@pytest.mark.parametrize("cfg", [ODD, SMALL, PADDED], ids=["odd", "small", "padded"])
+@pytest.mark.parametrize("cfg", [ODD, SMALL, PADDED, RECT], ids=["odd", "small", "padded", "rect"])
 @pytest.mark.parametrize("gran", GRANS)
 @pytest.mark.parametrize("seed, branches", [(0, False), (1, True)])
 def test_swin_converted_equals_masked(cfg, gran, seed, branches):

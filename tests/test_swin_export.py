@@ -9,7 +9,7 @@ from nvit import export as E
 from nvit.deploy import attention_groups, exportable
 from nvit.structures import Adapter
 from _vit_factory import random_masks
-from test_swin import ODD, PADDED, _image, tiny_swin
+from test_swin import ODD, PADDED, RECT, _image, tiny_swin
 
 onnx_ready = pytest.mark.skipif(any(__import__("importlib").util.find_spec(p) is None for p in E.ONNX_PACKAGES),
                                 reason='ONNX export needs pip install ".[export]"')
@@ -20,7 +20,7 @@ def _nvit_swin(cfg=ODD, gran="per-head", branches=False, seed=1):
     return a.convert(random_masks(a, gran, seed, branches=branches)).eval()
 
 
-@pytest.mark.parametrize("cfg", [ODD, PADDED], ids=["odd", "padded"])
+@pytest.mark.parametrize("cfg", [ODD, PADDED, RECT], ids=["odd", "padded", "rect"])
 @pytest.mark.parametrize("gran, branches", [("per-head", False), ("aligned", False), ("per-head", True)])
 @pytest.mark.parametrize("pad", [None, 8])
 def test_standard_ops_window_attention_is_exact(cfg, gran, branches, pad):
