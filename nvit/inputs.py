@@ -55,7 +55,10 @@ def shape_overrides(name: str, state: dict, s: dict) -> dict:
         kw["depth"] = max(blocks) + 1
     from .families.swin import timm_shape_kwargs
 
-    kw.update(timm_shape_kwargs(state))  # a Swin's stages (depths, heads, widths, windows)
+    try:
+        kw.update(timm_shape_kwargs(state))  # a Swin's stages (depths, heads, widths, windows)
+    except ValueError as e:
+        raise RunError(f"checkpoint of {name}: {e}") from None
     if s.get("img_size"):
         kw["img_size"] = s["img_size"]
     if s.get("in_chans"):

@@ -266,3 +266,10 @@ def test_cli_reads_swin_shapes_from_the_checkpoint():
     built = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kw)
     built.load_state_dict(src.state_dict())  # strict: every shape as the checkpoint's
     assert [len(layer.blocks) for layer in built.layers] == [2, 2, 2] and built.head.fc.out_features == 5
+
+
+def test_cli_names_a_checkpoint_shape_it_cannot_read():
+    from nvit.inputs import RunError, shape_overrides
+
+    with pytest.raises(RunError, match="not a square window's"):
+        shape_overrides("swin_tiny_patch4_window7_224", tiny_swin(RECT).state_dict(), {})

@@ -43,6 +43,10 @@ def timm_shape_kwargs(state: dict) -> dict:
     depths = [1 + max(i for s2, i in tables if s2 == s) for s in stages]
     heads = [tables[(s, 0)][1] for s in stages]
     windows = [(math.isqrt(tables[(s, 0)][0]) + 1) // 2 for s in stages]
+    for s, w in zip(stages, windows):
+        if (2 * w - 1) ** 2 != tables[(s, 0)][0]:  # (2h-1)(2w-1) rows: h and w cannot be told apart
+            raise ValueError(f"layers.{s}: a relative position bias table of {tables[(s, 0)][0]} rows is not a "
+                             f"square window's; nvit reads the shape of square-window Swin checkpoints only")
     dims = [state[f"layers.{s}.blocks.0.norm1.weight"].shape[0] for s in stages]
     head_dims = [state[f"layers.{s}.blocks.0.attn.qkv.weight"].shape[0] // (3 * heads[s]) for s in stages]
     kw = dict(embed_dim=dims if dims != [dims[0] * 2 ** s for s in stages] else dims[0], depths=tuple(depths),
