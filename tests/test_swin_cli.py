@@ -46,3 +46,29 @@ def test_swin_latency_target_refused_before_measuring(tmp_path, capsys):
     rc = _run(["--model", "swin_tiny_patch4_window7_224", "--checkpoint", ck, "--img-size", 32, "--data", root,
                "--out", tmp_path / "run", *FAST, "--target-metric", "latency"])
     assert rc == 2 and "measures ViT blocks, not swin" in capsys.readouterr().err
+
+
+def test_swin_resume_and_reprune(tmp_path):
+    """Per-stage masks survive an interrupted pruning phase (--resume reaches the masks of an
+    uninterrupted run), and the saved NViT-Swin model prunes again (--nvit-model)."""
+    from safetensors.torch import load_file
+
+    root = _image_folder(tmp_path / "data", size=40, classes=2, train=8)
+    torch.manual_seed(0)
+    dense = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=40, num_classes=2,
+                              depths=(2, 2), num_heads=(2, 2), embed_dim=16, window_size=4, mlp_ratio=2.0)
+    ck = tmp_path / "swin.safetensors"
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(ck))
+    common = ["--model", "swin_tiny_patch4_window7_224", "--checkpoint", ck, "--img-size", 40, "--data", root, *FAST,
+              "--target", 0.5, "--prune-units", 30, "--group-embed", 2]
+    assert _run([*common, "--out", tmp_path / "full"]) == 0
+    part = tmp_path / "part"
+    assert _run([*common, "--out", part, "--stop-after", 3]) == 0  # interrupted after the first prune step
+    assert (part / "checkpoint.pt").is_file() and not (part / "report.json").exists()
+    assert _run(["--resume", part, "--no-progress"]) == 0
+    a, b = load_file(str(tmp_path / "full" / "masks.safetensors")), load_file(str(part / "masks.safetensors"))
+    assert a.keys() == b.keys() and {"embed.0", "embed.1"} <= set(a) and all(torch.equal(a[k], b[k]) for k in a)
+    again = tmp_path / "again"
+    assert _run(["--nvit-model", tmp_path / "full" / "model", "--data", root, "--out", again, *FAST,
+                 "--target", 0.7, "--granularity", "per-head"]) == 0
+    assert isinstance(nvit.load(again / "model"), NViTSwin)
