@@ -349,10 +349,11 @@ class Family:
         return dataclasses.replace(config, embed_dim=widths[0])
 
     def cost(self, metric: str, config) -> float:
-        """Params or FLOPs ("params" | "flops", FlopCounterMode's convention) of the converted model."""
-        from .cost import count_flops, count_params
+        """Params or FLOPs ("params" | "flops", FlopCounterMode's convention) of the converted model
+        (default: the built-in converted architectures' counts, nvit.io.count)."""
+        from .io import count
 
-        return float(count_flops(config) if metric == "flops" else count_params(config))
+        return float(count(metric, config))
 
     def block_cost(self, metric: str, config, block) -> float:
         """The part of cost(metric, config) that one block (a BlockConfig) contributes."""

@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..model_swin import (NViTSwin, NViTSwinConfig, SwinBlockConfig, block_flops, block_params, count_flops,
-                          count_params)
+from ..model_swin import NViTSwin, NViTSwinConfig, SwinBlockConfig, block_flops, block_params
 from ..spec import EMBED, HEAD, BlockDims, Dims, Masks, Slice, UnsupportedModelError
 from .vit import ViTFamily, _is_layernorm, data_config
 
@@ -205,9 +204,6 @@ class SwinFamily(ViTFamily):
         import dataclasses
 
         return dataclasses.replace(config, embed_dims=list(widths))
-
-    def cost(self, metric: str, config: NViTSwinConfig) -> float:
-        return float(count_flops(config) if metric == "flops" else count_params(config))
 
     def block_cost(self, metric: str, config: NViTSwinConfig, block: SwinBlockConfig) -> float:
         return float(block_flops(config, block) if metric == "flops" else block_params(config, block))
