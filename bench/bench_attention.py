@@ -155,3 +155,123 @@ def _bench_case(benchmark, device, dtype, case):
         speedup_vs_padded_sdpa_only=t_sdpa / t_ours, time_vs_flop_prop_sdpa_only=t_ours / (t_sdpa * flop_frac),
         speedup_vs_loop=t_loop / t_ours, speedup_vs_buckets=t_buck / t_ours)
     benchmark.pedantic(lambda: (ours(), _sync(device)), rounds=3, iterations=1, warmup_rounds=1)
+
+
+# ---- Swin window attention: bias [H, N, N] + shifted-window mask [nW, N, N] ------------------------------
+# Swin-B stage 2 (embed 512, 16 heads x 32, 7x7 windows: N = 49; 14x14 tokens per image = 4 windows, the
+# shifted blocks' mask has nW = 4), pruned to about half its attention FLOPs: 4 heads dropped, the other
+# 12 shrunk unevenly (QK harder than V). sum(qk + v) = 508 of the dense 1024.
+SWIN_DENSE = ([32] * 16, [32] * 16)
+SWIN_HALF = ([32, 32, 28, 24, 24, 20, 16, 16, 12, 8, 8, 4], [32, 32, 32, 28, 28, 24, 24, 20, 20, 16, 16, 12])
+SWIN_N, SWIN_NW = 49, 4
+
+
+def _swin_tables(heads, g, dtype):
+    """Relative position bias [H, N, N] and a shifted-window-like mask (0 / -100) [nW, N, N]."""
+    bias = torch.randn(heads, SWIN_N, SWIN_N, generator=g) * 0.5
+    region = torch.randint(0, 4, (SWIN_NW, SWIN_N), generator=g)
+    region[0] = 0  # the first window of a shifted image has no cut
+    mask = torch.zeros(SWIN_NW, SWIN_N, SWIN_N)
+    mask[region[:, :, None] != region[:, None, :]] = -100.0
+    return bias.to(dtype), mask.to(dtype)
+
+
+def _timm_attn_mask(bias, mask, windows):
+    """What timm's fused WindowAttention builds per call: bias + mask as SDPA's [B, H, N, N] attn_mask."""
+    H, N, nw = bias.shape[0], bias.shape[1], mask.shape[0]
+    m = mask.view(1, nw, 1, N, N).expand(windows // nw, nw, H, N, N).reshape(windows, H, N, N)
+    return bias.unsqueeze(0) + m
+
+
+def padded_window(qkv, qk, vd, scales, bias, mask):
+    """Stock PyTorch for uneven heads: pad every head to the widest QK/V, one SDPA with bias+mask."""
+    B, N, _ = qkv.shape
+    H, mq, mv = len(qk), max(qk), max(vd)
+    q = qkv.new_zeros(B, N, H, mq)
+    k = qkv.new_zeros(B, N, H, mq)
+    v = qkv.new_zeros(B, N, H, mv)
+    for h, (qh, kh, vh) in enumerate(_split(qkv, qk, vd)):
+        q[:, :, h, :qk[h]] = qh * (scales[h] * math.sqrt(mq))  # SDPA takes one scale: fold each head's into q
+        k[:, :, h, :qk[h]] = kh
+        v[:, :, h, :vd[h]] = vh
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=_timm_attn_mask(bias, mask, B).to(qkv.dtype))
+    out = out.transpose(1, 2)
+    return torch.cat([out[:, :, h, :c] for h, c in enumerate(vd)], -1)
+
+
+def dense_window(q, k, v, bias, mask):
+    """timm's fused path on the dense block: SDPA with bias + mask ([B, H, N, d] tensors)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_timm_attn_mask(bias, mask, q.shape[0]).to(q.dtype))
+
+
+@pytest.mark.parametrize("threads", [1, 0], ids=["t1", "tall"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+@pytest.mark.parametrize("images", [1, 64], ids=lambda b: f"img{b}")
+def test_swin_window_attention(benchmark, images, train, dtype, threads):
+    if threads and dtype != torch.float32:
+        pytest.skip("single-thread figures: fp32 only")
+    prev = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        _bench_swin(benchmark, images, train, dtype)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _bench_swin(benchmark, images, train, dtype):
+    qk, vd = SWIN_HALF
+    H, mq, mv, B, N = len(qk), max(qk), max(vd), images * SWIN_NW, SWIN_N
+    scales = [1 / math.sqrt(a) for a in qk]
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, N, sum(2 * a + c for a, c in zip(qk, vd)), generator=g).to(dtype)
+    bias, mask = _swin_tables(H, g, torch.float32)  # the learned table stays fp32 (autocast's case)
+    dense_bias, _ = _swin_tables(16, g, torch.float32)
+    # The padded SDPA alone: inputs already padded and the attn_mask already built (stock's lower bound).
+    qp, kp = (torch.randn(B, H, N, mq, generator=g).to(dtype) for _ in range(2))
+    vp = torch.randn(B, H, N, mv, generator=g).to(dtype)
+    am = _timm_attn_mask(bias, mask, B).to(dtype)
+    qd, kd, vd_ = (torch.randn(B, 16, N, 32, generator=g).to(dtype) for _ in range(3))
+    backend = dispatch.select("attention", qkv.device)
+
+    if train:
+        leaves = [t.requires_grad_() for t in (qkv, bias, qp, kp, vp, am, qd, kd, vd_, dense_bias)]
+
+        def step(f):
+            def run():
+                for t in leaves:
+                    t.grad = None
+                out = f()
+                out.backward(torch.ones_like(out))
+            return run
+    else:
+        def step(f):
+            def run():
+                with torch.inference_mode():
+                    f()
+            return run
+
+    ours = step(lambda: uneven_attention(qkv, qk, vd, scales, bias=bias, mask=mask))
+    fns = [ours,
+           step(lambda: padded_window(qkv, qk, vd, scales, bias, mask)),
+           step(lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=am)),
+           step(lambda: dense_window(qd, kd, vd_, dense_bias, mask))]
+    rounds = 5 if (train and images > 1) else (10 if images > 1 or train else 30)
+    t_ours, t_pad, t_sdpa, t_dense = _interleaved_min(fns, "cpu", rounds)
+    flop_frac = sum(a + c for a, c in zip(qk, vd)) / (H * (mq + mv))
+    dense_frac = sum(a + c for a, c in zip(qk, vd)) / (16 * 64)
+    benchmark.extra_info.update(
+        backend=backend, threads=torch.get_num_threads(), loadavg=round(os.getloadavg()[0], 2), images=images,
+        windows=B, N=N, nW=SWIN_NW, heads=H, qk_dims=qk, v_dims=vd, train=train,
+        flop_fraction_of_padded=round(flop_frac, 4), flop_fraction_of_dense=round(dense_frac, 4),
+        ms_ours=t_ours * 1e3, ms_padded=t_pad * 1e3, ms_padded_sdpa_only=t_sdpa * 1e3, ms_dense_swin=t_dense * 1e3,
+        speedup_vs_padded=t_pad / t_ours, time_vs_flop_prop=t_ours / (t_pad * flop_frac),
+        speedup_vs_padded_sdpa_only=t_sdpa / t_ours, time_vs_flop_prop_sdpa_only=t_ours / (t_sdpa * flop_frac),
+        speedup_vs_dense_swin=t_dense / t_ours)
+    print(f"\nswin window attention img={images} {'train' if train else 'infer'} {str(dtype)[6:]} "
+          f"threads={torch.get_num_threads()}: ours {t_ours * 1e3:.3f} ms, padded {t_pad * 1e3:.3f} ms "
+          f"(x{t_pad / t_ours:.2f}), padded SDPA only {t_sdpa * 1e3:.3f} ms (x{t_sdpa / t_ours:.2f}), "
+          f"dense Swin block {t_dense * 1e3:.3f} ms (x{t_dense / t_ours:.2f})")
+    benchmark.pedantic(ours, rounds=3, iterations=1, warmup_rounds=1)

@@ -24,6 +24,7 @@ CLAIMS = (
     ("speedup_vs_eager", "saliency pass: speedup vs eager PyTorch", "> 1"),
     ("speedup_vs_padded", "uneven attention: speedup vs padding + SDPA", "> 1"),
     ("time_vs_flop_prop_sdpa_only", "uneven attention: time / FLOP-proportional SDPA time", "<= 1.2"),
+    ("speedup_vs_dense_swin", "window attention: speedup vs the dense Swin block (SDPA + bias/mask)", "> 1"),
     ("speedup_vs_flops", "converted NViT: speedup / FLOPs reduction", ">= 0.85"),
     ("ort_speedup_vs_flops", "ONNX Runtime: NViT speedup / FLOPs reduction (uneven)", ">= 0.9"),
     ("ort_padded_speedup_vs_flops", "ONNX Runtime: NViT speedup / FLOPs reduction (pad 8)", ">= 0.9"),
