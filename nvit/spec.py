@@ -225,9 +225,14 @@ class Masks:
                    [torch.ones(b.mlp, dtype=torch.bool) for b in dims.blocks])
 
     @property
+    def staged(self) -> bool:
+        """One embedding mask per stage (a hierarchical model), rather than one."""
+        return isinstance(self.embed, (list, tuple))
+
+    @property
     def embeds(self) -> list[torch.Tensor]:
         """The embedding mask of every stage (one for a single-stream model)."""
-        return list(self.embed) if isinstance(self.embed, (list, tuple)) else [self.embed]
+        return list(self.embed) if self.staged else [self.embed]
 
     def embed_of(self, block: int) -> torch.Tensor:
         """The embedding mask that EMBED slices/units with this `block` key (the stage; -1: the one
@@ -236,7 +241,7 @@ class Masks:
 
     def clone(self) -> "Masks":
         embed = [t.clone() for t in self.embeds]
-        return Masks(embed if isinstance(self.embed, (list, tuple)) else embed[0], [t.clone() for t in self.heads],
+        return Masks(embed if self.staged else embed[0], [t.clone() for t in self.heads],
                      [t.clone() for t in self.qk], [t.clone() for t in self.v], [t.clone() for t in self.mlp],
                      self.attn_on.clone(), self.mlp_on.clone())
 
@@ -268,8 +273,7 @@ class Masks:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         # one stream: "embed" (the layout of every masks file so far); per stage: "embed.0", "embed.1", …
-        d = {"embed": self.embed} if not isinstance(self.embed, (list, tuple)) else \
-            {f"embed.{s}": t for s, t in enumerate(self.embed)}
+        d = {f"embed.{s}": t for s, t in enumerate(self.embed)} if self.staged else {"embed": self.embed}
         d.update({"attn_on": self.attn_on, "mlp_on": self.mlp_on})
         for i in range(len(self.heads)):
             d.update({f"heads.{i}": self.heads[i], f"qk.{i}": self.qk[i], f"v.{i}": self.v[i],
