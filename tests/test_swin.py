@@ -273,3 +273,18 @@ def test_cli_names_a_checkpoint_shape_it_cannot_read():
 
     with pytest.raises(RunError, match="not a square window's"):
         shape_overrides("swin_tiny_patch4_window7_224", tiny_swin(RECT).state_dict(), {})
+
+
+@pytest.mark.parametrize("gran", GRANS)
+def test_fused_saliency_op_matches_reference_on_swin(gran):
+    from nvit_kernels.saliency import SaliencyPlan, saliency_accumulate
+
+    model = tiny_swin(ODD)
+    pairs, units = Adapter(model).saliency_maps(gran, branches=True)
+    F.cross_entropy(model(_image(ODD, 3)), torch.tensor([0, 1, 2])).backward()
+    params = [p for p, _ in pairs]
+    w, g = [p.detach() for p in params], [p.grad for p in params]
+    scores = torch.zeros(units.num_units)
+    saliency_accumulate(w, g, SaliencyPlan.build([t for _, t in pairs], units.num_units), scores)
+    ref = saliency_reference([t.double() for t in w], [t.double() for t in g], [t for _, t in pairs], units.num_units)
+    assert torch.allclose(scores.double(), ref, rtol=1e-4, atol=1e-6 * float(ref.max()))
