@@ -22,8 +22,9 @@
 // call to key-major rows padded to the query lanes (biasT[h][j][i]), so a tile's scores start as
 // bias + mask rows and the S^T gemm accumulates onto them (no extra pass over the scores). A query
 // whose logits are all -inf gets P = 0 (output 0, no gradient), not NaN. The backward accumulates
-// dlogits into per-thread key-major partials, reduced and transposed into grad_bias at the end.
-// Without bias/mask the kernels take the same paths as before (branches outside the inner loops).
+// dlogits into key-major partials, one per (head, fixed batch chunk) task, summed in a fixed order and
+// transposed into grad_bias at the end (deterministic, no atomics). Without bias/mask the kernels take
+// the same paths as before (branches outside the inner loops).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <omp.h>
