@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from nvit_kernels.attention import uneven_attention
 
-from .cost import attention_flops  # also registers the attention op's FLOP formula with FlopCounterMode
+from . import cost  # also registers the attention op's FLOP formula with FlopCounterMode
 from .model import BlockConfig, Mlp, timm_pretrained_cfg
 
 
@@ -308,21 +308,21 @@ def _windows(config: NViTSwinConfig, stage: int) -> tuple[int, int, int]:
 
 
 def block_params(config: NViTSwinConfig, b: SwinBlockConfig) -> int:
-    D = config.embed_dims[b.stage]
+    """A ViT block's parameters (nvit.cost; the same modules) plus each head's bias table column."""
     wh, ww = config.window(b.stage)
-    attn = (2 * D + D * b.qkv_out + (b.qkv_out if config.qkv_bias else 0) + sum(b.v_dims) * D + D
-            + (2 * wh - 1) * (2 * ww - 1) * b.heads)
-    mlp = 2 * D + D * b.mlp + b.mlp + b.mlp * D + D
-    return (attn if b.has_attn else 0) + (mlp if b.has_mlp else 0)
+    vit = cost.block_params(config.embed_dims[b.stage], b, qkv_bias=config.qkv_bias, proj_bias=True)
+    return vit + ((2 * wh - 1) * (2 * ww - 1) * b.heads if b.has_attn else 0)
 
 
 def block_flops(config: NViTSwinConfig, b: SwinBlockConfig, batch_size: int = 1) -> int:
-    """qkv and proj on the padded map's nW·N tokens, attention in every window, the MLP on the map."""
+    """The attention branch as a ViT block's over nW windows of N tokens (the padded map), the MLP
+    branch as a ViT block's over the map's tokens (nvit.cost's formulas)."""
     D = config.embed_dims[b.stage]
     nw, N, tokens = _windows(config, b.stage)
-    attn = 2 * D * b.qkv_out * nw * N + attention_flops(b.qk_dims, b.v_dims, N, nw) + 2 * sum(b.v_dims) * D * nw * N
-    mlp = 4 * D * b.mlp * tokens
-    return batch_size * ((attn if b.has_attn else 0) + (mlp if b.has_mlp else 0))
+    attn = cost.block_flops(D, dataclasses.replace(b, mlp=0), N, nw * batch_size)
+    mlp = cost.block_flops(D, dataclasses.replace(b, qk_dims=[], v_dims=[], scales=[], qk_index=None), tokens,
+                           batch_size)
+    return attn + mlp
 
 
 def _stem_head_params(config: NViTSwinConfig) -> int:
