@@ -120,7 +120,11 @@ def read_source(path: Path) -> NViTConfig:
         raise ValueError(f"nvit: --from {path}: expected a prune run's folder, its report.json, or a saved NViT model")
     from .io import load_config
 
-    return load_config(path)
+    cfg = load_config(path)
+    if not isinstance(cfg, NViTConfig):  # ReViT's rules give one embedding width to every block
+        raise ValueError(f"nvit: --from {path}: a {cfg.family} model (one embedding width per stage); the ReViT "
+                         f"rules fit single-stream ViTs only")
+    return cfg
 
 
 def parse_args(argv):

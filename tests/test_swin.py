@@ -288,3 +288,13 @@ def test_fused_saliency_op_matches_reference_on_swin(gran):
     saliency_accumulate(w, g, SaliencyPlan.build([t for _, t in pairs], units.num_units), scores)
     ref = saliency_reference([t.double() for t in w], [t.double() for t in g], [t for _, t in pairs], units.num_units)
     assert torch.allclose(scores.double(), ref, rtol=1e-4, atol=1e-6 * float(ref.max()))
+
+
+def test_revit_names_a_swin_source(tmp_path, capsys):
+    import nvit
+    from nvit.revit import main
+
+    a = Adapter(tiny_swin(PADDED))
+    nvit.save(a.convert(a.full_masks()), tmp_path / "m")
+    assert main(["--embed-dim", "64", "--depth", "4", "--from", str(tmp_path / "m"), "--out", str(tmp_path / "c.json")]) == 2
+    assert "a swin model (one embedding width per stage)" in capsys.readouterr().err
