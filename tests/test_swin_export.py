@@ -58,3 +58,15 @@ def test_swin_pt2_round_trip_dynamic_batch(tmp_path):
     x = _image(PADDED, 4)
     with torch.no_grad():
         assert E.relative_error(nv(x), back(x)) <= 1e-4
+
+
+@onnx_ready
+def test_swin_t_exports_to_onnx(tmp_path):
+    """Swin-T as timm builds it (random weights, random uneven per-head masks), at batch 1 (~1 min)."""
+    import timm
+
+    torch.manual_seed(0)
+    a = Adapter(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False))
+    nv = a.convert(random_masks(a, "per-head", 0)).eval()
+    err = E.export(nv, tmp_path / "swin_t.onnx", fmt="onnx", batch="1", log=lambda *_: None)
+    assert err <= 1e-4 and (tmp_path / "swin_t.onnx").stat().st_size > 10e6
