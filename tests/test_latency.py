@@ -13,7 +13,8 @@ from nvit.model import BlockConfig, NViTConfig
 GRID = LatencyGrid(embed=[8, 16, 32], heads=[1, 2], qk=[1, 4], v=[1, 2, 8], mlp=[1, 16])
 TINY = LatencyGrid(embed=[4, 8], heads=[1, 2], qk=[1, 3], v=[1, 2], mlp=[1, 8])
 BRANCH_CALLS = 2 * (2 * 2 * 2) + 2 * 2  # branch measurements: attention (embed × heads × qk × v), MLP (embed × mlp)
-TINY_CALLS = BRANCH_CALLS + 1  # + one whole block to calibrate (TINY's centre is its top corner)
+# + the calibration: one point (TINY's centre is its top corner), its block and both branches, 3 rounds
+TINY_CALLS = BRANCH_CALLS + 3 * lat.CALIBRATION_ROUNDS
 
 
 def _table_from(fn, grid=GRID) -> LatencyTable:
@@ -145,8 +146,9 @@ def test_dict_and_file_roundtrip(tmp_path):
 class FakeTimer:
     """Stands in for the timer: counts calls, checks the block/input built, returns a known 'latency'."""
 
-    def __init__(self, whole_block_factor: float = 1.0):
+    def __init__(self, whole_block_factor: float = 1.0, burst_calls: tuple = ()):
         self.calls = 0
+        self.burst_calls = burst_calls  # these calls "hit a burst of background load": 100x slower
         self.whole_block_factor = whole_block_factor  # a whole block "runs" this much slower than its branches
         self.whole_blocks = 0
 
@@ -162,7 +164,8 @@ class FakeTimer:
         if a:
             assert len(set(cfg.qk_dims)) == 1 and len(set(cfg.v_dims)) == 1
             assert cfg.scales == [cfg.qk_dims[0] ** -0.5] * cfg.heads
-        return 1e-9 * block_params(embed, cfg) * (self.whole_block_factor if whole else 1.0)
+        burst = 100.0 if self.calls in self.burst_calls else 1.0
+        return 1e-9 * block_params(embed, cfg) * (self.whole_block_factor if whole else 1.0) * burst
 
 
 @pytest.fixture
@@ -183,8 +186,8 @@ def test_measure_fills_each_point_with_its_block(tmp_path, fake_timer):
     (the fake timer returns 1e-9 × the parameters of what it times: the two branches sum to the block)."""
     t = _measure(tmp_path)
     E, Hs, Qs, Vs, Ms = TINY.axes
-    assert fake_timer.calls - fake_timer.whole_blocks == BRANCH_CALLS == len(E) * (len(Hs) * len(Qs) * len(Vs) + len(Ms))
-    assert fake_timer.calls == TINY_CALLS < TINY.size
+    assert BRANCH_CALLS == len(E) * (len(Hs) * len(Qs) * len(Vs) + len(Ms))
+    assert fake_timer.calls == TINY_CALLS < TINY.size and fake_timer.whole_blocks == lat.CALIBRATION_ROUNDS
     for idx, (e, h, q, v, m) in TINY.points():
         assert t.values[idx] == pytest.approx(1e-9 * block_params(e, BlockConfig([q] * h, [v] * h, m, [1.0] * h)))
     assert t.meta["tokens"] == 5 and t.meta["batch_size"] == 2 and t.meta["dtype"] == "float32"
@@ -192,15 +195,24 @@ def test_measure_fills_each_point_with_its_block(tmp_path, fake_timer):
 
 def test_branch_sums_calibrated_against_whole_blocks(tmp_path, monkeypatch):
     """Whole blocks timed 1.25× slower than their branches' sum: every point is scaled by 1.25, and the
-    calibration (factor, points with both figures) is recorded; the top corner and the centre are timed."""
+    calibration (factor, points with both figures) is recorded; the top corner and the centre are timed.
+    A burst of load on one branch timing of the grid does not move the factor: the calibration times
+    each point's branches again, next to its block."""
     ft = FakeTimer(whole_block_factor=1.25)
     monkeypatch.setattr(lat, "_time_block", ft)
     t = LatencyTable.measure(GRID, tokens=5, batch_size=2, cache_dir=tmp_path, progress=False)
     cal = t.meta["calibration"]
-    assert ft.whole_blocks == 2 and cal["factor"] == pytest.approx(1.25)
+    assert ft.whole_blocks == 2 * lat.CALIBRATION_ROUNDS and cal["factor"] == pytest.approx(1.25)
     assert [p["point"] for p in cal["points"]] == [[32, 2, 4, 8, 16], [16, 2, 4, 2, 16]]
     for idx, (e, h, q, v, m) in GRID.points():
         assert t.values[idx] == pytest.approx(1.25e-9 * block_params(e, BlockConfig([q] * h, [v] * h, m, [1.0] * h)))
+
+
+def test_calibration_ignores_a_load_burst_on_the_grid_and_in_one_round(tmp_path, monkeypatch):
+    """A burst on a grid branch timing, and one on a calibration round, leave the factor exact."""
+    monkeypatch.setattr(lat, "_time_block", FakeTimer(whole_block_factor=1.25, burst_calls=(1, TINY_CALLS)))
+    t = LatencyTable.measure(TINY, tokens=5, batch_size=2, cache_dir=tmp_path, progress=False)
+    assert t.meta["calibration"]["factor"] == pytest.approx(1.25)
 
 
 def test_cache_hit_does_not_remeasure(tmp_path, fake_timer):
