@@ -31,6 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -39,7 +40,11 @@ import torch
 from .io import atomic_write_json
 from .model import BlockConfig, NViTBlock, NViTConfig
 
-__all__ = ["AXES", "LatencyGrid", "LatencyTable", "default_grid", "default_cache_dir", "device_name"]
+# A Swin stage's blocks: (feature map (H, W), window (wh, ww), shift (sh, sw)), as NViTSwinConfig.geometry
+Window = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+__all__ = ["AXES", "LatencyGrid", "LatencyTable", "SwinLatencyTables", "default_grid", "default_cache_dir",
+           "device_name"]
 
 AXES = ("embed", "heads", "qk", "v", "mlp")
 FORMAT_VERSION = 3  # bump when what is measured changes (invalidates every cached table); 2: branch sums;
@@ -242,8 +247,22 @@ def _time_block(block: torch.nn.Module, x: torch.Tensor, *, warmup: int, repeats
 CALIBRATION_ROUNDS = 3
 
 
+def _block(embed: int, cfg: BlockConfig, window: Window | None) -> torch.nn.Module:
+    """The block a table times: NViT's, or (a Swin stage's window geometry) NViT-Swin's window block."""
+    if window is None:
+        return NViTBlock(embed, cfg)
+    from .model_swin import SwinBlock
+
+    return SwinBlock(embed, cfg, window, qkv_bias=True, norm_eps=1e-5)
+
+
+def _input(batch_size: int, tokens: int, embed: int, window: Window | None, gen) -> torch.Tensor:
+    """[B, tokens, D], or a Swin stage's feature map [B, H, W, D] (H·W = tokens)."""
+    return torch.randn(batch_size, *(window[0] if window else (tokens,)), embed, generator=gen)
+
+
 def _calibrate(grid: LatencyGrid, inputs: dict[int, torch.Tensor], *, device, dtype, warmup: int, repeats: int,
-               statistic: str) -> dict:
+               statistic: str, window: Window | None = None) -> dict:
     """The factor that makes branch sums predict whole blocks, from CALIBRATION_POINTS: at each, the whole
     block and its two branches are timed side by side in CALIBRATION_ROUNDS interleaved rounds (fastest
     round each), so a burst of background load cannot land on one side of the ratio only -- the grid's
@@ -256,7 +275,7 @@ def _calibrate(grid: LatencyGrid, inputs: dict[int, torch.Tensor], *, device, dt
         attn = ([qk] * heads, [v] * heads, [qk ** -0.5] * heads)
         parts = {"block": BlockConfig(attn[0], attn[1], mlp, attn[2]), "attn": BlockConfig(attn[0], attn[1], 0, attn[2]),
                  "mlp": BlockConfig([], [], mlp, [])}
-        blocks = {k: NViTBlock(embed, c).to(device=device, dtype=dtype).eval() for k, c in parts.items()}
+        blocks = {k: _block(embed, c, window).to(device=device, dtype=dtype).eval() for k, c in parts.items()}
         best = dict.fromkeys(blocks, math.inf)
         with torch.inference_mode():
             for _ in range(CALIBRATION_ROUNDS):
@@ -294,7 +313,7 @@ class LatencyTable:
                 device: torch.device | str = "cpu", warmup: int | None = None, repeats: int | None = None,
                 cache_dir: str | os.PathLike | None = None, use_cache: bool = True, refresh: bool = False,
                 extra_key: Mapping[str, Any] | None = None, statistic: str = "median",
-                progress: bool = True) -> "LatencyTable":
+                progress: bool = True, window: Window | None = None) -> "LatencyTable":
         """One NViT block's forward latency at every grid point: its attention branch and its MLP branch
         each timed (median of `repeats` after `warmup` calls) on their own axes, and summed; the sums
         scaled by one factor so that they predict whole blocks timed at CALIBRATION_POINTS
@@ -310,6 +329,10 @@ class LatencyTable:
         With `use_cache` a table measured under the same settings (see :func:`cache_key`; `extra_key`
         adds your own, e.g. a kernel build id) is loaded from `cache_dir` (default
         :func:`default_cache_dir`) instead; `refresh` re-measures and overwrites it.
+
+        `window` (a Swin stage's feature map, window and shift; tokens = H·W): time NViT-Swin's window
+        block on [batch_size, H, W, embed] instead -- its attention runs on batch_size·nW windows of
+        wh·ww tokens each, with the shift's roll, padding and mask (see :class:`SwinLatencyTables`).
         """
         device = torch.device(device)
         warmup = (3 if device.type == "cuda" else 1) if warmup is None else warmup
@@ -319,6 +342,11 @@ class LatencyTable:
         if tokens < 1 or batch_size < 1 or warmup < 0 or repeats < 1:
             raise ValueError(f"nvit: need tokens ≥ 1, batch_size ≥ 1, warmup ≥ 0, repeats ≥ 1; got "
                              f"{tokens}, {batch_size}, {warmup}, {repeats}")
+        if window is not None:
+            if window[0][0] * window[0][1] != tokens:
+                raise ValueError(f"nvit: a Swin stage's map {window[0]} has {window[0][0] * window[0][1]} tokens, "
+                                 f"not {tokens}")
+            extra_key = {**(extra_key or {}), "swin_window": [list(w) for w in window]}
         key, path = _cache_entry(grid, tokens=tokens, batch_size=batch_size, dtype=dtype, device=device,
                                  extra_key=extra_key, statistic=statistic, cache_dir=cache_dir)
         if use_cache and not refresh and path.exists():
@@ -340,9 +368,9 @@ class LatencyTable:
         with torch.inference_mode(), tqdm(total=len(branches), desc="nvit latency table", disable=not progress) as bar:
             for name, cfg in branches:
                 embed = name[1]
-                block = NViTBlock(embed, cfg).to(device=device, dtype=dtype).eval()
+                block = _block(embed, cfg, window).to(device=device, dtype=dtype).eval()
                 if embed not in inputs:
-                    inputs[embed] = torch.randn(batch_size, tokens, embed, generator=gen).to(device=device, dtype=dtype)
+                    inputs[embed] = _input(batch_size, tokens, embed, window, gen).to(device=device, dtype=dtype)
                 timed[name] = _time_block(block, inputs[embed], warmup=warmup, repeats=repeats, statistic=statistic)
                 del block
                 bar.update(1)
@@ -350,7 +378,7 @@ class LatencyTable:
         for idx, (embed, heads, qk, v, mlp) in grid.points():
             values[idx] = timed[("attn", embed, heads, qk, v)] + timed[("mlp", embed, mlp)]
         calibration = _calibrate(grid, inputs, device=device, dtype=dtype, warmup=warmup, repeats=repeats,
-                                 statistic=statistic)
+                                 statistic=statistic, window=window)
         values *= calibration["factor"]
         meta = dict(key, warmup=warmup, repeats=repeats, calibration=calibration,
                     measure_seconds=round(time.perf_counter() - t_start, 3),
@@ -412,6 +440,14 @@ class LatencyTable:
         return self.block_latency(embed, block_cfg.heads, float(np.mean(block_cfg.qk_dims)),
                                   float(np.mean(block_cfg.v_dims)), block_cfg.mlp)
 
+    def config_block_latency(self, config: NViTConfig, block_cfg: BlockConfig) -> float:
+        """A block's latency in a model of `config` (its embedding width)."""
+        return self.block_config_latency(config.embed_dim, block_cfg)
+
+    def covers(self, config) -> bool:
+        """Whether this table models `config`'s blocks (NViT's ViT blocks)."""
+        return config.family == "vit"
+
     def model_latency(self, config: NViTConfig) -> float:
         """Sum of the blocks' latencies (stem and head ignored, as in the paper).
 
@@ -458,6 +494,47 @@ class LatencyTable:
                 f"batch={m.get('batch_size')}, tokens={m.get('tokens')}, "
                 f"range={self.values.min() * 1e3:.3f}..{self.values.max() * 1e3:.3f} ms)")
 
+
+
+@dataclass
+class SwinLatencyTables:
+    """Latency of NViT-Swin blocks: one :class:`LatencyTable` per stage, each timing the stage's window
+    block (its feature map, window size and so tokens per window and number of windows, its shift) over
+    the stage's grid of embedding width, heads, QK, V and MLP. A model's latency is the sum of its
+    blocks' (stem, patch merging and head ignored, as for ViTs). The odd blocks of a stage shift their
+    windows (a roll and an additive mask); each stage is timed with its blocks' costlier geometry, the
+    shifted one where the stage has one."""
+
+    tables: list[LatencyTable]
+
+    @classmethod
+    def measure(cls, config, *, batch_size: int, points: int | Mapping[str, int] = 5, embed_points: int = 3,
+                **kwargs) -> "SwinLatencyTables":
+        """Each stage's table, its grid from the stage's widest block (kwargs: LatencyTable.measure's)."""
+        tables = []
+        for s, width in enumerate(config.embed_dims):
+            blocks = [i for i, b in enumerate(config.blocks) if b.stage == s]
+            if not blocks:
+                raise ValueError(f"nvit: Swin stage {s} has no blocks to time")
+            geometries = [config.geometry(i) for i in blocks]
+            window = next((g for g in geometries if any(g[2])), geometries[0])
+            stage = SimpleNamespace(embed_dim=width, blocks=[config.blocks[i] for i in blocks])  # what for_model reads
+            grid = LatencyGrid.for_model(stage, points, embed_points)
+            tables.append(LatencyTable.measure(grid, tokens=window[0][0] * window[0][1], batch_size=batch_size,
+                                               window=window, **kwargs))
+        return cls(tables)
+
+    def config_block_latency(self, config, block_cfg) -> float:
+        return self.tables[block_cfg.stage].block_config_latency(config.embed_dims[block_cfg.stage], block_cfg)
+
+    def covers(self, config) -> bool:
+        return config.family == "swin" and len(config.embed_dims) == len(self.tables)
+
+    def model_latency(self, config) -> float:
+        return float(sum(self.config_block_latency(config, b) for b in config.blocks))
+
+    def monotonized(self) -> "SwinLatencyTables":
+        return SwinLatencyTables([t.monotonized() for t in self.tables])
 
 
 def measure_model_latency(model: torch.nn.Module, input_shape: Sequence[int], *, batch_size: int,

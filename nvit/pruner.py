@@ -137,9 +137,10 @@ class Pruner:
         self._fraction_cache: dict[str, float] = {}
         self._index_units()
         self.dense_config = self.config()
-        if self.table is not None and self.dense_config.family != "vit":
-            raise ValueError(f"nvit: latency tables measure ViT blocks (GELU MLP, no rotary embedding); prune this "
-                             f"{self.dense_config.family} model to a FLOPs or params target")
+        if self.table is not None and not self.table.covers(self.dense_config):
+            raise ValueError(f"nvit: this latency table does not model {self.dense_config.family} blocks "
+                             f"(LatencyTable: ViT blocks; SwinLatencyTables: a Swin's stages); prune to a FLOPs "
+                             f"or params target")
         self.dense_cost = {m: self._metric(m, self.dense_config) for m in METRICS if m != "latency" or self.table}
         if target is not None:
             floor = self._metric(target.metric, self._smallest_config()) / self.dense_cost[target.metric]
@@ -210,7 +211,7 @@ class Pruner:
         """The part of `metric` one block contributes (every metric is a sum over blocks plus terms
         that depend on the embedding width alone)."""
         if metric == "latency":
-            return float(self.table.block_config_latency(cfg.embed_dim, blk))
+            return float(self.table.config_block_latency(cfg, blk))
         return self.adapter.family.block_cost(metric, cfg, blk)
 
     def _delta(self, metric: str, cfg: NViTConfig, kind: int, block: int, head: int) -> float:
