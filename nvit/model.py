@@ -123,11 +123,16 @@ class NViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "NViTConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"nvit: unknown config keys {sorted(unknown)}")
-        return cls(**d)
+        return config_from_fields(cls, d)
+
+
+def config_from_fields(cls, d: dict):
+    """A config dataclass from its to_dict() output; unknown keys (a config of another kind or version)
+    are an error naming them."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"nvit: unknown {cls.__name__} keys {sorted(unknown)}")
+    return cls(**d)
 
 
 def timm_pretrained_cfg(in_chans: int, img_hw, num_classes: int, classifier: str, data: dict) -> dict:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from nvit_kernels.attention import uneven_attention
 
 from . import cost  # also registers the attention op's FLOP formula with FlopCounterMode
-from .model import BlockConfig, Mlp, timm_pretrained_cfg
+from .model import BlockConfig, Mlp, config_from_fields, timm_pretrained_cfg
 
 
 @dataclass
@@ -104,11 +104,7 @@ class NViTSwinConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "NViTSwinConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"nvit: unknown Swin config keys {sorted(unknown)}")
-        return cls(**d)
+        return config_from_fields(cls, d)
 
 
 # --------------------------------------------------------------------------------------------------
