@@ -18,7 +18,7 @@ def test_one_table_per_stage_timing_its_windows():
     assert len(lat.tables) == 3 and lat.covers(cfg)
     for s, t in enumerate(lat.tables):
         shifted = next(cfg.geometry(i) for i, b in enumerate(cfg.blocks) if b.stage == s and i % 2 == 1)
-        assert t.meta["extra"]["swin_window"] == [list(g) for g in shifted] and t.meta["tokens"] == 10 ** 2 // 4 ** s \
+        assert t.meta["extra"]["swin_window"] == [list(g) for g in shifted] and t.meta["tokens"] == (ODD["img_size"] // ODD["patch_size"]) ** 2 // 4 ** s \
             or s == 2  # (stage 2's 3×3 map: its window shrank to the map and does not shift)
         assert t.grid.embed == [cfg.embed_dims[s]]
     assert lat.model_latency(cfg) > 0
