@@ -17,6 +17,7 @@ calls. Run: pytest bench/bench_attention.py --benchmark-only
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -107,6 +108,18 @@ def _interleaved_min(fns, device, rounds):
     return best
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's CPU threads set to n for the block (0: left as they are)."""
+    prev = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 @pytest.mark.parametrize("threads", [1, 0], ids=["t1", "tall"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
@@ -116,13 +129,8 @@ def test_uneven_attention(benchmark, device, dtype, case, threads):
         pytest.skip(f"{dtype} not benchmarked on {device}")
     if threads and (device != "cpu" or dtype != torch.float32):
         pytest.skip("single-thread figures: CPU fp32 only (the issue's targets)")
-    prev = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         _bench_case(benchmark, device, dtype, case)
-    finally:
-        torch.set_num_threads(prev)
 
 
 def _bench_case(benchmark, device, dtype, case):
@@ -212,13 +220,8 @@ def dense_window(q, k, v, bias, mask):
 def test_swin_window_attention(benchmark, images, train, dtype, threads):
     if threads and dtype != torch.float32:
         pytest.skip("single-thread figures: fp32 only")
-    prev = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         _bench_swin(benchmark, images, train, dtype)
-    finally:
-        torch.set_num_threads(prev)
 
 
 def _bench_swin(benchmark, images, train, dtype):

@@ -15,6 +15,7 @@ from nvit.model import BlockConfig
 from nvit.spec import ATTN_BRANCH, EMBED, HEAD, MLP, MLP_BRANCH, QK, V, BlockDims, Dims, Family, Slice
 from nvit.structures import Adapter, KeptLayerNorm
 from _vit_factory import random_masks
+from _pruning import prune_until_done
 
 FEATURES, TOKENS, CLASSES = 7, 5, 3
 
@@ -218,11 +219,7 @@ def test_toy_prunes_and_converts_exactly(gran):
     pruner = Pruner(model, Target("flops", 0.5), granularity=gran, family=ToyFamily, branches=True)
     assert pruner.dense_cost["flops"] > 0
     x, y = torch.randn(8, TOKENS, FEATURES), torch.randint(0, CLASSES, (8,))
-    while not pruner.done:
-        model.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        pruner.accumulate()
-        pruner.prune_step(6)
+    prune_until_done(pruner, model, x, y, 6)
     small = pruner.convert()
     assert isinstance(small, Toy) and pruner.fraction() <= 0.5
     assert ToyFamily(small).cost("params", small.config) == sum(p.numel() for p in small.parameters())

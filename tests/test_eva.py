@@ -16,6 +16,7 @@ from nvit.spec import ATTN_BRANCH, EMBED, HEAD, MLP, MLP_BRANCH, QK, V, Unsuppor
 from nvit.structures import Adapter
 from nvit_kernels.saliency import saliency_reference
 from _vit_factory import random_masks
+from _pruning import prune_until_done
 
 EVA_VARIANTS = {
     "eva02": dict(),  # rotary pairs + SwiGLU + q/v biases, as eva02_tiny builds them
@@ -175,11 +176,7 @@ def test_eva02_tiny_prunes_and_converts_through_the_public_api():
     model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, num_classes=10).eval()
     pruner = Pruner(model, Target("flops", 0.6), granularity="per-head")
     x, y = torch.randn(4, 3, 56, 56), torch.randint(0, 10, (4,))
-    while not pruner.done:
-        model.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        pruner.accumulate()
-        pruner.prune_step(400)
+    prune_until_done(pruner, model, x, y, 400)
     nv = pruner.convert()
     with torch.no_grad():
         ref, out = model(x), nv(x)

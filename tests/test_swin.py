@@ -17,6 +17,7 @@ from nvit.spec import ATTN_BRANCH, EMBED, HEAD, MLP, MLP_BRANCH, QK, V, Masks, U
 from nvit.structures import Adapter
 from nvit_kernels.saliency import saliency_reference
 from _vit_factory import random_masks
+from _pruning import prune_until_done
 
 GRANS = ["aligned", "per-head"]
 
@@ -203,11 +204,7 @@ def test_pruner_prunes_swin_exactly_per_stage():
     model = tiny_swin(SMALL)
     pruner = Pruner(model, Target("flops", 0.5), granularity="per-head", group_size={"embed": 2})
     x, y = _image(SMALL, 4), torch.tensor([0, 1, 2, 3])
-    while not pruner.done:
-        model.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        pruner.accumulate()
-        pruner.prune_step(40)
+    prune_until_done(pruner, model, x, y, 40)
     nv = pruner.convert()
     with torch.no_grad():
         ref, out = model(x), nv(x)

@@ -12,18 +12,25 @@ from nvit.model_swin import NViTSwin
 from test_prune_cli import FAST, _image_folder, _run
 
 
-def test_swin_checkpoint_end_to_end(tmp_path):
-    """A Swin checkpoint pruned, converted, fine-tuned and reported by the CLI; saved, reloaded by nvit and timm."""
-    root = _image_folder(tmp_path / "data", size=40, classes=2, train=8)
+SWIN = "swin_tiny_patch4_window7_224"  # a Swin-T entrypoint; the CLI reads the stages' shapes from the checkpoint
+
+
+def _swin_inputs(tmp_path, size, train, **shape):
+    """A random image folder and a random-init Swin checkpoint of that (smaller) shape: the CLI's
+    --model/--checkpoint/--img-size/--data arguments."""
+    root = _image_folder(tmp_path / "data", size=size, classes=2, train=train)
     torch.manual_seed(0)
-    # a Swin-T entrypoint with a smaller shape: the CLI reads the stages' shapes from the checkpoint
-    dense = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=40, num_classes=2,
-                              depths=(2, 2), num_heads=(1, 2), embed_dim=16, window_size=4, mlp_ratio=2.0)
+    dense = timm.create_model(SWIN, pretrained=False, img_size=size, num_classes=2, window_size=4, **shape)
     ck = tmp_path / "swin.safetensors"
     save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(ck))
+    return ["--model", SWIN, "--checkpoint", ck, "--img-size", size, "--data", root]
+
+
+def test_swin_checkpoint_end_to_end(tmp_path):
+    """A Swin checkpoint pruned, converted, fine-tuned and reported by the CLI; saved, reloaded by nvit and timm."""
+    inputs = _swin_inputs(tmp_path, 40, 8, depths=(2, 2), num_heads=(1, 2), embed_dim=16, mlp_ratio=2.0)
     out = tmp_path / "run"
-    rc = _run(["--model", "swin_tiny_patch4_window7_224", "--checkpoint", ck, "--img-size", 40, "--data", root,
-               "--out", out, *FAST, "--target", 0.6, "--granularity", "per-head"])
+    rc = _run([*inputs, "--out", out, *FAST, "--target", 0.6, "--granularity", "per-head"])
     assert rc == 0
     r = json.loads((out / "report.json").read_text())
     assert r["pruned"]["flops"] <= 0.6 * r["dense"]["flops"]
@@ -38,13 +45,8 @@ def test_swin_checkpoint_end_to_end(tmp_path):
 
 def test_swin_latency_target_refused_before_measuring(tmp_path, capsys):
     """The latency table measures ViT blocks: a Swin run asking for latency stops with the reason (exit 2)."""
-    root = _image_folder(tmp_path / "data", size=32, classes=2, train=4)
-    dense = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, num_classes=2,
-                              depths=(2,), num_heads=(1,), embed_dim=8, window_size=4)
-    ck = tmp_path / "swin.safetensors"
-    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(ck))
-    rc = _run(["--model", "swin_tiny_patch4_window7_224", "--checkpoint", ck, "--img-size", 32, "--data", root,
-               "--out", tmp_path / "run", *FAST, "--target-metric", "latency"])
+    inputs = _swin_inputs(tmp_path, 32, 4, depths=(2,), num_heads=(1,), embed_dim=8)
+    rc = _run([*inputs, "--out", tmp_path / "run", *FAST, "--target-metric", "latency"])
     assert rc == 2 and "measures ViT blocks, not swin" in capsys.readouterr().err
 
 
@@ -53,13 +55,9 @@ def test_swin_resume_and_reprune(tmp_path):
     uninterrupted run), and the saved NViT-Swin model prunes again (--nvit-model)."""
     from safetensors.torch import load_file
 
-    root = _image_folder(tmp_path / "data", size=40, classes=2, train=8)
-    torch.manual_seed(0)
-    dense = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=40, num_classes=2,
-                              depths=(2, 2), num_heads=(2, 2), embed_dim=16, window_size=4, mlp_ratio=2.0)
-    ck = tmp_path / "swin.safetensors"
-    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(ck))
-    common = ["--model", "swin_tiny_patch4_window7_224", "--checkpoint", ck, "--img-size", 40, "--data", root, *FAST,
+    inputs = _swin_inputs(tmp_path, 40, 8, depths=(2, 2), num_heads=(2, 2), embed_dim=16, mlp_ratio=2.0)
+    root = inputs[-1]
+    common = [*inputs, *FAST,
               "--target", 0.5, "--prune-units", 30, "--group-embed", 2]
     assert _run([*common, "--out", tmp_path / "full"]) == 0
     part = tmp_path / "part"

@@ -1,12 +1,12 @@
 """Latency tables of NViT-Swin blocks: one per stage, timing the stage's window block (its map, window,
 tokens per window, number of windows, shift); the Pruner prunes a Swin to a latency target with them."""
 import torch
-import torch.nn.functional as F
 
 from nvit import Pruner, Target
 from nvit.latency import SwinLatencyTables
 from nvit.structures import Adapter
 from test_swin import ODD, SMALL, _image, tiny_swin
+from _pruning import prune_until_done
 
 FAST = dict(points=2, embed_points=1, warmup=0, repeats=1, use_cache=False, progress=False)
 
@@ -31,11 +31,7 @@ def test_pruner_meets_a_latency_target_on_swin():
                                     repeats=5, statistic="min", use_cache=False, progress=False).monotonized()
     pruner = Pruner(model, Target("latency", 0.8), latency_table=lat, granularity="per-head")
     x, y = _image(SMALL, 4), torch.tensor([0, 1, 2, 3])
-    while not pruner.done:
-        model.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        pruner.accumulate()
-        pruner.prune_step(20)
+    prune_until_done(pruner, model, x, y, 20)
     nv = pruner.convert()
     with torch.no_grad():
         assert (model(x) - nv(x)).abs().max().item() <= 1e-5 * model(x).abs().max().item()
