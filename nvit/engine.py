@@ -137,20 +137,39 @@ class Precision:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def unscale(self, opt: torch.optim.Optimizer) -> bool:
-        """Unscale the gradients in place (fp16) so they are the true ones; whether all are finite.
-        A step whose gradients overflowed is skipped by the scaler and must not feed the saliency."""
-        if self.scaler is None:
-            return True
-        self.scaler.unscale_(opt)
-        grads = [q.grad for g in opt.param_groups for q in g["params"] if q.grad is not None]
-        return bool(torch.stack([g.detach().abs().amax().float() for g in grads]).isfinite().all()) if grads else True
+        """Unscale the gradients in place (fp16) so they are the true ones; whether all are finite (in
+        every precision: a non-finite gradient under a finite loss happens in bf16 and fp32 too). A step
+        whose gradients are not finite is skipped (:meth:`step`) and must not feed the saliency."""
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+        return grads_finite(q for g in opt.param_groups for q in g["params"])
 
-    def step(self, opt: torch.optim.Optimizer) -> None:
+    def step(self, opt: torch.optim.Optimizer, finite: bool = True) -> None:
+        """The optimizer step: fp16's scaler skips it itself after an overflow (and lowers its scale);
+        other precisions skip it when `finite` (from :meth:`unscale`) is False."""
         if self.scaler is None:
-            opt.step()
+            if finite:
+                opt.step()
         else:
             self.scaler.step(opt)
             self.scaler.update()
+
+    def scaled_gradients(self, loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
+        """Backward for gradients alone (no optimizer: one-shot saliency), fp16 with loss scaling: the
+        loss is scaled by the scaler's current scale and the gradients unscaled in place. Whether they
+        are finite; after an fp16 overflow the scale is halved (so a retry of the batch can succeed)."""
+        if self.scaler is None:
+            loss.backward()
+            return grads_finite(params)
+        self.scaler.scale(loss).backward()
+        scale = float(self.scaler.get_scale())
+        grads = [q.grad for q in params if q.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, 1.0 / scale)
+        finite = grads_finite(params)
+        if not finite:
+            self.scaler.update(new_scale=scale / 2)
+        return finite
 
     def state_dict(self) -> dict | None:
         return None if self.scaler is None else self.scaler.state_dict()
@@ -158,6 +177,14 @@ class Precision:
     def load_state_dict(self, state: dict | None) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+def grads_finite(params) -> bool:
+    """Whether every gradient of `params` is finite (one reduction per tensor, one sync)."""
+    grads = [q.grad for q in params if q.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([g.detach().abs().amax().float() for g in grads]).isfinite().all())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -559,15 +559,17 @@ def measure_blocks_latency(model: torch.nn.Module, *, tokens: int, batch_size: i
                            device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                            repeats: int | None = None) -> float:
     """Wall time (s) of a ViT's blocks alone (``model.blocks`` on a random [batch_size, tokens, embed]
-    input): what LatencyTable.model_latency predicts, measured (best of 3 medians)."""
+    input): what LatencyTable.model_latency predicts, measured (best of 3 medians).
+
+    The blocks run as the table's blocks ran: a copy with weights and input in `dtype` (a bf16 table
+    is a bf16 model's latency), whatever precision the model's own weights are in (fp32 master
+    weights of a mixed-precision run)."""
+    import copy
+
     device = torch.device(device)
     embed = next(p for n, p in model.named_parameters() if n.startswith("blocks.")).shape[-1]
     x = torch.randn(batch_size, tokens, embed, device=device, dtype=dtype)
     repeats = (5 if device.type == "cpu" else 20) if repeats is None else repeats
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            return min(_time_block(model.blocks, x, warmup=1, repeats=repeats) for _ in range(3))
-    finally:
-        model.train(was_training)
+    blocks = copy.deepcopy(model.blocks).to(device=device, dtype=dtype).eval()
+    with torch.inference_mode():
+        return min(_time_block(blocks, x, warmup=1, repeats=repeats) for _ in range(3))

@@ -20,10 +20,10 @@ import torch
 from . import engine
 from .engine import Precision, Processes
 from .inputs import check_teacher_input, input_shape, is_streaming, load_data, load_dense_model, load_teachers
-from .loader import train_loader
+from .loader import PHASES, mix, train_loader
 from .settings import GROUP_FLAGS, RunError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class StopRequested(Exception):
@@ -57,6 +57,10 @@ class Run:
         self.dense, self.provenance = load_dense_model(s)
         check_prunable(self.dense)  # before any data is read or any evaluation runs
         self.dense.to(self.device)
+        family = self.dense_grid[0].family
+        if (s["target_metric"] == "latency" or s["eta"] > 0) and family != "vit":  # refused before any work
+            raise RunError(f"--target-metric latency / --eta: the latency table measures ViT blocks, not {family} "
+                           "blocks; use --target-metric flops or params")
         self.separate_heads = s["distill_heads"] == "separate"
         if self.separate_heads and not hasattr(self.dense, "head_dist"):
             raise RunError("--distill-heads separate needs a DeiT distilled student (a model with a distillation "
@@ -81,8 +85,11 @@ class Run:
         self.per_epoch = max(1, n_train // s["batch_size"])
         self.workers = s["workers"] if s["workers"] is not None else default_workers(s, procs)
         self.timings: dict[str, float] = {}
+        # Counters a resumed run continues (saved in every checkpoint): the units removed per prune step,
+        # the steps skipped for non-finite gradients, and the running loss of the phase in progress.
+        self.book: dict = {"units_per_step": None, "skipped_steps": 0, "consecutive_skips": 0, "loss_avg": None}
         self.log_lines: list[str] = []
-        self.table = None  # the latency table, when the run measured one
+        self.table = self.saved_table()  # the latency table, once the run has measured one (resume: its own)
 
     # ---- output (rank 0 alone) ---------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -150,9 +157,15 @@ class Run:
             return engine.distillation_loss(model(x), t, y, temperature=s["temperature"], weight=s["distill_weight"],
                                             label_smoothing=s["label_smoothing"], hard_teacher=h)
 
-    def step(self, model, raw, opt, x, y, it: int) -> float:
-        """Forward (autocast) + distillation loss + backward; gradients left for the caller. Returns the loss."""
+    def step(self, model, raw, opt, x, y, phase: str, it: int) -> float:
+        """Forward (autocast) + distillation loss + backward; gradients left for the caller. Returns the loss.
+
+        The stochastic layers (dropout, drop-path) draw from torch's global generator, seeded here from
+        (seed, phase, iteration, rank): a resumed run draws what the uninterrupted run drew, whatever ran
+        before (data workers or not, a restart). Each rank draws for its own samples, so with these
+        layers active a batch's result depends on the world size (the data does not)."""
         raw.train()
+        torch.manual_seed(mix(self.s["seed"], PHASES[phase], 2, it, self.p.rank))
         loss = self.loss(model, x, y)
         value = loss.item()
         bad = not math.isfinite(value)
@@ -163,16 +176,21 @@ class Run:
                            f"(now {opt.param_groups[0]['lr']:.2e})")
         opt.zero_grad(set_to_none=False)
         self.precision.backward(loss)
+        self.track_loss(value)
         return value
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def checkpoint(self, phase: str, it: int, raw, opt, sched=None, pruner=None, **more) -> None:
-        state = {**more,"schema": SCHEMA_VERSION, "phase": phase, "iteration": it, "world_size": self.p.world,
+        """Everything a later decision or update reads, so a resume continues exactly: weights, optimizer,
+        schedule, loss scale, the pruner's masks and saliency, the run's counters (`book`) and log. The
+        random draws need no state: each step's are seeded from (seed, phase, iteration, rank), the data's
+        from (seed, phase, iteration, position); the latency table is a file of the run (latency_table.json)."""
+        state = {**more, "schema": SCHEMA_VERSION, "phase": phase, "iteration": it, "world_size": self.p.world,
                  "model": raw.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": None if sched is None else sched.state_dict(),
                  "scaler": self.precision.state_dict(),
                  "pruner": None if pruner is None else pruner.state_dict(), "timings": self.timings,
-                 "log": self.log_lines,
+                 "book": dict(self.book), "log": self.log_lines,
                  "nvit_config": None if phase != "finetune" else raw.config.to_dict()}
         engine.save_checkpoint(state, self.out / "checkpoint.pt", self.p)
 
@@ -187,6 +205,12 @@ class Run:
         for key, obj in more.items():
             obj.load_state_dict(ck[key])
         return ck["iteration"]
+
+    def resume_from(self, ck: dict) -> None:
+        """The run-wide state of a checkpoint: timings, counters, log (phases restore their own parts)."""
+        self.timings.update(ck["timings"])
+        self.book.update(ck.get("book", {}))
+        self.log_lines = list(ck.get("log", []))
 
     def maybe_stop(self, it_total: int) -> None:
         if self.s["stop_after"] is not None and it_total >= self.s["stop_after"]:
@@ -269,21 +293,40 @@ class Run:
             run["settings"]["target_metric"] = metric
             atomic_write_json(self.out / "run.json", run)
 
-    def latency_table(self):
-        """Measured once (rank 0) and shared: every rank must rank structures by the same table."""
+    @property
+    def table_path(self) -> Path:
+        return self.out / "latency_table.json"
+
+    def saved_table(self):
+        """The latency table this run measured (a resumed run ranks, stops and reports on the table it
+        started with, whatever --threads, node or cache it has now), or None before it measured one."""
         from .latency import LatencyTable
 
+        if not self.table_path.is_file():
+            return None
+        try:
+            return LatencyTable.from_dict(json.loads(self.table_path.read_text()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise RunError(f"{self.table_path} cannot be read ({type(e).__name__}: {e}); remove it to measure "
+                           f"the table again") from None
+
+    def latency_table(self):
+        """Measured once (rank 0), kept in the run's folder and shared: every rank must rank structures by
+        the same table, and a resumed run by the one it started with."""
+        from .io import atomic_write_json
+        from .latency import LatencyTable
+
+        if self.table is not None:
+            return self.table
         s = self.s
         cfg, grid = self.dense_grid
-        if cfg.family != "vit":  # refused before anything is measured
-            raise RunError(f"--target-metric latency / --eta: the latency table measures ViT blocks, not {cfg.family} "
-                           "blocks; use --target-metric flops or params")
         t0 = time.time()
         table = None
         if self.p.main:
             table = LatencyTable.measure(grid, tokens=cfg.num_tokens, batch_size=s["latency_batch"],
                                          device=self.device, progress=s["progress"],
                                          dtype=self.precision.tensor_dtype).monotonized()
+            atomic_write_json(self.table_path, table.to_dict())
         self.table = self.p.broadcast_object(table)
         self.timings["latency_table_s"] = round(time.time() - t0, 2)
         return self.table
@@ -299,7 +342,7 @@ class Run:
         opt = engine.make_optimizer(raw, s["lr"], s["weight_decay"])
         planned = max(1, math.ceil(s["prune_epochs"] * self.per_epoch))
         n_units = s["prune_units"] or self._auto_units(pruner, planned)  # from the dense model, also on resume
-        self.n_units = n_units
+        self.book["units_per_step"] = n_units
         start = self.restore(ck, "prune", raw, opt, pruner=pruner)
         # Several targets: the pruner aims at each in turn; reaching one that is not the last saves a
         # snapshot (the converted model at that moment) to fine-tune after the phase.
@@ -308,42 +351,42 @@ class Run:
         pruner.target = Target(s["target_metric"], targets[reached])
         model = engine.wrap_ddp(raw, self.p)
         t0 = time.time() - self.timings.get("prune_s", 0.0)
-        it, skipped = start, 0
+        it = start
         bar = self.bar(planned, start, "prune")
-        loss_avg = None
         data = self.batches("prune", start)
         while it < planned or not pruner.done:
             if it >= 50 * planned:
                 raise RunError("pruning did not reach the target; raise --prune-units or --prune-epochs")
             x, y = next(data)
-            loss = self.step(model, raw, opt, x, y, it)
-            loss_avg = loss if loss_avg is None else 0.9 * loss_avg + 0.1 * loss
-            finite = self.precision.unscale(opt)  # true gradients (fp16: unscaled) for the saliency
-            if not pruner.done:
-                if finite:
-                    pruner.accumulate()
-                else:
-                    skipped += 1  # the scaler skips this step: it feeds no saliency either
-            self.precision.step(opt)
+            loss = self.step(model, raw, opt, x, y, "prune", it)
+            finite = self.after_backward(opt, it)  # true gradients (fp16: unscaled) for the saliency
+            if finite and not pruner.done:
+                pruner.accumulate()  # a skipped step feeds no saliency either
+            self.precision.step(opt, finite)
             pruner.apply_masks()
             it += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_avg:.3f}", frac=f"{pruner.fraction():.3f}" if it % 10 == 0 else None)
+            bar.set_postfix(loss=f"{self.book['loss_avg']:.3f}", frac=f"{pruner.fraction():.3f}" if it % 10 == 0 else None)
             pruned_now = False
             if it % s["prune_every"] == 0 and not pruner.done:
-                try:
-                    info = pruner.prune_step(n_units)
-                except TargetUnreachableError as e:
-                    raise RunError(str(e)) from None
-                engine.check_agreement("prune masks", pruner.masks.state_dict(), self.p)
-                pruned_now = True
-                kinds = ", ".join(f"{k} {v}" for k, v in info.removed.items() if v)
-                self.log(f"prune step {info.step} @ it {it}: removed {kinds or 'nothing'}; "
-                         f"{s['target_metric']} {info.fraction:.3f} of dense; loss {loss_avg:.4f}")
-                if pruner.done and reached < len(targets) - 1:
-                    self.save_snapshot(targets[reached], pruner, it)
-                    reached += 1
-                    pruner.target = Target(s["target_metric"], targets[reached])
+                if not pruner.has_saliency:  # fp16: every step so far overflowed; prune when one did not
+                    self.log(f"prune step postponed @ it {it}: no finite gradients since the last step")
+                else:
+                    try:
+                        info = pruner.prune_step(n_units)
+                    except TargetUnreachableError as e:
+                        raise RunError(str(e)) from None
+                    engine.check_agreement("prune masks", pruner.masks.state_dict(), self.p)
+                    pruned_now = True
+                    kinds = ", ".join(f"{k} {v}" for k, v in info.removed.items() if v)
+                    self.log(f"prune step {info.step} @ it {it}: removed {kinds or 'nothing'}; "
+                             f"{s['target_metric']} {info.fraction:.3f} of dense; loss {self.book['loss_avg']:.4f}")
+                    # One step may pass several targets: each passed one gets this model (it is at or
+                    # below each of them, and below the first by at most the last group's cost).
+                    while pruner.done and reached < len(targets) - 1:
+                        self.save_snapshot(targets[reached], pruner, it)
+                        reached += 1
+                        pruner.target = Target(s["target_metric"], targets[reached])
             if pruned_now or it % s["checkpoint_every"] == 0:
                 self.timings["prune_s"] = round(time.time() - t0, 2)
                 self.checkpoint("prune", it, raw, opt, pruner=pruner, targets_reached=reached)
@@ -351,11 +394,31 @@ class Run:
         bar.close()
         self.timings["prune_s"] = round(time.time() - t0, 2)
         self.timings["prune_iterations"] = it
-        self.timings["prune_overflow_steps"] = skipped
         engine.check_agreement("pruned model's weights", raw.state_dict(), self.p)
         if self.separate_heads:
             set_distilled_training(raw, False)
         return raw, pruner
+
+    def after_backward(self, opt, it: int) -> bool:
+        """After a training step's backward: unscale (fp16) and whether every gradient is finite; a step
+        that is not gets skipped (in every precision) and counted. Many in a row: a clear error."""
+        finite = self.precision.unscale(opt)
+        b = self.book
+        if finite:
+            b["consecutive_skips"] = 0
+            return True
+        b["skipped_steps"] += 1
+        b["consecutive_skips"] += 1
+        if b["consecutive_skips"] >= MAX_CONSECUTIVE_SKIPS:
+            raise RunError(f"the gradients were not finite in {b['consecutive_skips']} iterations in a row (up to "
+                           f"{it}); lower --lr (now {opt.param_groups[0]['lr']:.2e})"
+                           + ("" if self.precision.name == "fp16" else " or try --amp none"))
+        return False
+
+    def track_loss(self, loss: float) -> float:
+        avg = self.book["loss_avg"]
+        self.book["loss_avg"] = loss if avg is None else 0.9 * avg + 0.1 * loss
+        return self.book["loss_avg"]
 
     def save_snapshot(self, target: float, pruner, it: int) -> None:
         """The model as the pruner has it now, converted (exact), with its masks and history: one of
@@ -364,8 +427,7 @@ class Run:
         top1 = self.evaluate(nv)
         self.log(f"target {target:g} reached at iteration {it}: snapshot (top-1 {top1:.2f}% before fine-tuning)")
         snap = {"target": target, "nvit_config": nv.config.to_dict(), "model": nv.state_dict(),
-                "pruning": {"masks": pruner.masks.state_dict(), "history": list(pruner.history),
-                            "dense_config": pruner.dense_config.to_dict(), "masked_top1": top1}}
+                "pruning": pruning_record(pruner, top1)}
         engine.save_checkpoint(snap, snapshot_path(self.out, target), self.p)
 
     # ---- phase 1, one-shot: prune the trained model as it is ----------------------------------------
@@ -373,7 +435,8 @@ class Run:
         """No weight updates: the saliency of --calibration-batches batches ranks the units, the target is
         approached in --one-shot-steps steps (the metric falls geometrically; each earlier target is a
         step too, and leaves a snapshot) and the saliency is estimated afresh after every step (no EMA:
-        the pruned model's own gradients)."""
+        the pruned model's own gradients). fp16 backpropagates with loss scaling (a batch that overflows
+        is retried at half the scale); a batch whose gradients are not finite feeds no saliency."""
         from .pruner import Target, TargetUnreachableError
 
         s = self.s
@@ -385,6 +448,7 @@ class Run:
         geometric = [final.fraction ** (k / s["one_shot_steps"]) for k in range(1, s["one_shot_steps"] + 1)]
         schedule = sorted(set(geometric) | set(earlier), reverse=True)
         model = engine.wrap_ddp(raw, self.p)  # gradients averaged over ranks, as in training
+        params = [q for q in raw.parameters() if q.requires_grad]
         t0 = time.time()
         data = self.batches("prune", 0)
         n = s["calibration_batches"]
@@ -392,11 +456,19 @@ class Run:
         for k, fraction in enumerate(schedule, 1):
             for i in range(n):
                 x, y = next(data)
-                loss = self.loss(model, x, y)
-                raw.zero_grad(set_to_none=False)
-                loss.backward()  # no optimizer, no scaler: gradients only for the saliency
-                pruner.accumulate()
+                for _ in range(MAX_CONSECUTIVE_SKIPS):
+                    raw.zero_grad(set_to_none=False)
+                    loss = self.loss(model, x, y)
+                    if self.precision.scaled_gradients(loss, params) or self.precision.scaler is None:
+                        break  # fp16: retried at half the scale after an overflow
+                if engine.grads_finite(params):
+                    pruner.accumulate()
+                else:
+                    self.book["skipped_steps"] += 1
                 bar.update(1)
+            if not pruner.has_saliency:
+                raise RunError(f"one-shot step {k}: no batch of {n} gave finite gradients"
+                               + (" (try --amp bf16 or none)" if self.precision.name == "fp16" else ""))
             pruner.target = Target(final.metric, fraction)
             try:
                 info = pruner.prune_step(pruner.units.num_units)
@@ -411,6 +483,9 @@ class Run:
                 self.save_snapshot(fraction, pruner, 0)
         bar.close()
         pruner.target = final
+        if not pruner.done:  # prune_step stops only at the target (exactly counted) or at the guards
+            raise RunError(f"one-shot pruning ended at {pruner.fraction():.4f} of the dense {final.metric}, above "
+                           f"the target {final.fraction:g}")
         raw.zero_grad(set_to_none=True)
         self.timings["one_shot_s"] = round(time.time() - t0, 2)
         self.timings["prune_iterations"] = 0
@@ -431,9 +506,13 @@ class Run:
 
         done = finished_path(self.out, target)
         if done.exists():
-            d = torch.load(done, map_location="cpu", weights_only=True)
+            d = load_state_file(done, "a fine-tuned model")
         else:
-            snap = torch.load(snapshot_path(self.out, target), map_location="cpu", weights_only=True)
+            path = snapshot_path(self.out, target)
+            if not path.is_file():
+                raise RunError(f"the pruned model of target {target:g} is missing ({path}): the pruning phase did "
+                               f"not save it; start the run again")
+            snap = load_state_file(path, "a pruned model")
             cfg = ck["nvit_config"] if ck is not None else snap["nvit_config"]
             nv = build_from_dict(cfg)  # NViT or NViT-Swin, told apart by the config
             nv.load_state_dict(snap["model"])
@@ -458,32 +537,60 @@ class Run:
         warm = min(total, max(1, total // 10))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(total, 1), warm, s["min_lr_ratio"]))
         start = self.restore(ck, "finetune", nv, opt, scheduler=sched)
+        if ck is None or ck["phase"] != "finetune":
+            self.book["loss_avg"] = None  # a new phase's running loss
         model = engine.wrap_ddp(nv, self.p)
         t0 = time.time() - self.timings.get("finetune_s", 0.0)
         bar = self.bar(total, start, "fine-tune")
-        loss_avg = None
         prune_its = self.timings.get("prune_iterations", 0)
         data = self.batches("finetune", start) if start < total else iter(())
         for it in range(start, total):
             x, y = next(data)
-            loss = self.step(model, nv, opt, x, y, it)
-            loss_avg = loss if loss_avg is None else 0.9 * loss_avg + 0.1 * loss
-            self.precision.step(opt)
+            loss = self.step(model, nv, opt, x, y, "finetune", it)
+            finite = self.after_backward(opt, it)
+            self.precision.step(opt, finite)
             sched.step()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_avg:.3f}")
+            bar.set_postfix(loss=f"{self.book['loss_avg']:.3f}")
             if (it + 1) % s["checkpoint_every"] == 0 and it + 1 < total:
                 self.timings["finetune_s"] = round(time.time() - t0, 2)
                 self.checkpoint("finetune", it + 1, nv, opt, sched, target=target)
                 self.maybe_stop(prune_its + it + 1)
         bar.close()
         self.timings["finetune_s"] = round(time.time() - t0, 2)
-        if loss_avg is not None:
-            self.log(f"fine-tuned {total} iterations; final loss {loss_avg:.4f}")
+        if self.book["loss_avg"] is not None and total:
+            self.log(f"fine-tuned {total} iterations; final loss {self.book['loss_avg']:.4f}")
         engine.check_agreement("fine-tuned weights", nv.state_dict(), self.p)
         if self.separate_heads:
             set_distilled_training(nv, False)
         return nv.eval()
+
+
+# A run stops (clear error) after this many iterations in a row whose gradients were not finite.
+MAX_CONSECUTIVE_SKIPS = 50
+
+
+def pruning_record(pruner, top1: float) -> dict:
+    """What a pruned model keeps of its pruning: masks, history, the dense config, its top-1 before
+    fine-tuning, and how it met its target (the exact fraction and the tolerance: the cost of the last
+    group removed, see Pruner.prune_step)."""
+    last = pruner.history[-1] if pruner.history else {}
+    return {"masks": pruner.masks.state_dict(), "history": list(pruner.history),
+            "dense_config": pruner.dense_config.to_dict(), "masked_top1": top1,
+            "metric": pruner.target.metric, "fraction": pruner.fraction(),
+            "tolerance": float(last.get("last_group_cost", 0.0))}
+
+
+def load_state_file(path: Path, what: str) -> dict:
+    """A checkpoint or snapshot of this run, or a clear error for a truncated or foreign file."""
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a truncated or foreign file
+        raise RunError(f"{path} ({what}) cannot be read: {type(e).__name__}: {str(e)[:200]}; it is damaged or "
+                       f"not nvit's (a run's files are replaced atomically, so this is not an interrupted write)") from None
+    if not isinstance(d, dict) or ("model" not in d):
+        raise RunError(f"{path} is not {what} of an nvit run")
+    return d
 
 
 def snapshot_path(out: Path, target: float) -> Path:

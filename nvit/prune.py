@@ -37,6 +37,10 @@ from .settings import RunError
 DEFAULTS = settings.DEFAULTS
 
 
+class RunComplete(Exception):
+    """--resume of a run that already finished (exit 0)."""
+
+
 def resolve_settings(argv: list[str] | None) -> dict:
     return settings.resolve(argv, description=__doc__)
 
@@ -45,6 +49,12 @@ def prepare_out_dir(s: dict, p: engine.Processes) -> Path:
     """The run's folder, checked on every rank, created by rank 0."""
     if s["resume"]:
         out = Path(s["resume"])
+        if (out / "report.json").is_file():  # killed after the report was written: only leftovers to remove
+            if p.main:
+                from .report import remove_resume_state
+
+                remove_resume_state(out)
+            raise RunComplete(f"{out} holds a complete run (report.json); nothing to resume")
         if not (out / "checkpoint.pt").is_file():
             raise RunError(f"--resume {out}: no checkpoint.pt there (nothing to resume)")
         return out
@@ -105,17 +115,21 @@ def run(s: dict, p: engine.Processes | None = None) -> dict | None:
     torch.manual_seed(s["seed"])
     ck = None
     if s["resume"]:
-        ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+        from .phases import load_state_file
+
+        ck = load_state_file(out / "checkpoint.pt", "the run's checkpoint")
+        if ck.get("schema") != SCHEMA_VERSION or "phase" not in ck:
+            raise RunError(f"--resume {out}: checkpoint.pt is of another nvit version (schema {ck.get('schema')}, "
+                           f"this one reads {SCHEMA_VERSION}); start the run again")
     r = Run(s, out, p)
     if ck is not None:
-        r.timings.update(ck["timings"])
-        r.log_lines = list(ck.get("log", []))
+        r.resume_from(ck)
         r.log(f"resuming {out} at {ck['phase']} iteration {ck['iteration']}")
     t_start = time.time()
     dense_top1 = r.evaluate(r.dense, progress=True)
     r.log(f"dense model: top-1 {dense_top1:.2f}% on {len(r.test_set)} test images")
 
-    from .phases import snapshot_path
+    from .phases import pruning_record, snapshot_path
 
     targets = s["target"]
     if ck is None or ck["phase"] == "prune":
@@ -124,8 +138,7 @@ def run(s: dict, p: engine.Processes | None = None) -> dict | None:
         masked_top1 = r.evaluate(masked)
         nv = pruner.convert({"source": r.provenance})
         r.log(f"pruned (masked) top-1 {masked_top1:.2f}%; converted to NViT")
-        pruning = {"masks": pruner.masks.state_dict(), "history": pruner.history,
-                   "dense_config": pruner.dense_config.to_dict(), "masked_top1": masked_top1}
+        pruning = pruning_record(pruner, masked_top1)
         r.timings["prune_phase_top1"] = masked_top1
         # The last target's model joins the snapshots of the earlier ones: every model is fine-tuned from
         # a file, so a run resumed in any model's fine-tuning finds all of them.
@@ -147,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RunError(str(e)) from None
         run(s, p)
         return 0
-    except StopRequested as e:
+    except (StopRequested, RunComplete) as e:
         if p is None or p.main:
             print(f"nvit.prune: {e}", file=sys.stderr)
         return 0

@@ -12,6 +12,7 @@ import torch
 
 from .io import atomic_write, atomic_write_json
 from .model import NViTConfig
+from .settings import RunError
 
 
 def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels: dict) -> dict | None:
@@ -23,7 +24,11 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
     from .inputs import input_shape
     from .latency import device_name, measure_model_latency
 
+    from .engine import check_agreement
+
     s, out, dev = r.s, r.out, r.device
+    for m in models:  # every rank must hold the same final models (promise: ranks agree)
+        check_agreement(f"final model of target {m['target']:g}", m["model"].state_dict(), r.p)
     if not r.p.main:
         r.p.barrier()  # rank 0 measures and writes
         return None
@@ -48,6 +53,8 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
                                                                  device=dev, warmup=2, repeats=5))
     dense = {"params": count_params(dense_cfg), "flops": count_flops(dense_cfg), "latency_s": lat["dense"],
              "top1": dense_top1}
+    metric = s["target_metric"]
+    dense_metric = target_metric_value(r, metric, dense_cfg)
     several = len(models) > 1
     entries = []
     for m in models:
@@ -56,6 +63,8 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
         entries.append({
             "target": t, "params": count_params(cfg), "flops": count_flops(cfg), "latency_s": lat[t],
             "top1": m["top1"], "top1_before_finetune": m["pruning"]["masked_top1"], "folder": folder.name,
+            "achieved": {"metric": metric, "fraction": target_metric_value(r, metric, cfg) / dense_metric,
+                         "target": t, "tolerance": float(m["pruning"].get("tolerance", 0.0))},
             "ratios": {"params": dense["params"] / count_params(cfg), "flops": dense["flops"] / count_flops(cfg),
                        "speedup": lat["dense"] / lat[t]},
             "architecture": {"embed_dim": cfg.embed_dim, "dense_embed_dim": dense_cfg.embed_dim,
@@ -65,6 +74,7 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
         record_preprocessing(m["model"], r.data_desc)
         nvio.save(m["model"], folder, overwrite=True)
     main = entries[-1]
+    checks = promise_checks(r, models, entries, shape)
     table_check = latency_table_check(r, dense_cfg, models) if r.table is not None else None
     dev_desc = (f"{dev.type}: {device_name(dev)}, {torch.get_num_threads()} threads" if dev.type == "cpu"
                 else device_name(dev))
@@ -83,7 +93,9 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
                       "global_batch": s["batch_size"]},
         "ratios": main["ratios"],
         "architecture": main["architecture"],
-        "prune_steps": main["prune_steps"], "units_per_step": getattr(r, "n_units", None),
+        "prune_steps": main["prune_steps"], "units_per_step": r.book["units_per_step"],
+        "skipped_steps": r.book["skipped_steps"],
+        "checks": checks,
         "settings": s,
         "timings": {**r.timings, "total_s": round(time.time() - t_start, 2)},
         "kernels": kernels,
@@ -96,13 +108,57 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
         atomic_write(out / name, lambda tmp, masks=masks: save_file({k: v.to(torch.uint8) for k, v in masks.items()}, tmp))
     plot_dims(dense_cfg, [(f"target {m['target']:g}", m["model"].config) for m in models], out / "dims.png", widths,
               title=f"NViT ({s['granularity']}) — {s['target_metric']} target {', '.join(f'{t:g}' for t in s['target'])}")
-    atomic_write_json(out / "report.json", report)
-    for f in ("checkpoint.pt", "pruning.pt"):  # resume state: the run is complete now
-        (out / f).unlink(missing_ok=True)
-    shutil.rmtree(out / "snapshots", ignore_errors=True)
+    failed = [f"{name}: {c['detail']}" for name, c in checks.items() if not c["ok"]]
+    if failed:  # the resume state stays: nothing is lost, and the failure can be looked into
+        atomic_write_json(out / "report.failed.json", report)
+        r.p.barrier()
+        raise RunError("the run does not keep its promises (report.failed.json; resume state kept):\n  "
+                       + "\n  ".join(failed))
+    atomic_write_json(out / "report.json", report)  # the run is complete from here on
+    remove_resume_state(out)
     print(summary_text(report, out))
     r.p.barrier()
     return report
+
+
+def remove_resume_state(out: Path) -> None:
+    """The files only a resume reads (the checkpoint last: a run killed in between resumes as complete)."""
+    shutil.rmtree(out / "snapshots", ignore_errors=True)
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+
+
+def target_metric_value(r, metric: str, cfg) -> float:
+    """The quantity --target is a fraction of, for a config: the latency table's prediction (what the
+    pruner ranked and stopped on), or the counted FLOPs / params."""
+    from . import io as nvio
+
+    return float(r.table.model_latency(cfg)) if metric == "latency" else float(nvio.count(metric, cfg))
+
+
+def promise_checks(r, models: list[dict], entries: list[dict], shape) -> dict:
+    """What the run promises, checked before it says it is done: every model at or below its target and
+    below it by at most the cost of the last group removed (a head with its dims, --group-mlp channels, …);
+    every saved model, reloaded, has the reported params and FLOPs and computes what the run's model
+    computes. (Ranks agree: checked on the final weights before this.)"""
+    from . import io as nvio
+
+    checks = {}
+    for m, e in zip(models, entries):
+        a, t = e["achieved"], e["target"]
+        ok = a["fraction"] <= t + 1e-9 and a["fraction"] >= t - a["tolerance"] - 1e-9
+        checks[f"target {t:g}"] = {"ok": ok, "detail": f"{a['metric']} {a['fraction']:.5f} of dense for target {t:g} "
+                                                      f"(tolerance {a['tolerance']:.5f}: the last removed group's cost)"}
+        back = nvio.load(r.out / e["folder"]).to(r.device).eval()
+        same_counts = (nvio.count("params", back.config), nvio.count("flops", back.config)) == (e["params"], e["flops"])
+        x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)).to(r.device)
+        with torch.no_grad():
+            want, got = m["model"].eval()(x), back(x)
+        err = float((want - got).abs().max()) / max(float(want.abs().max()), 1e-12)
+        checks[f"saved model {e['folder']}"] = {
+            "ok": same_counts and err <= 1e-6,
+            "detail": f"reloaded: params {nvio.count('params', back.config)} / flops {nvio.count('flops', back.config)} "
+                      f"(reported {e['params']} / {e['flops']}), outputs {err:.1e} of scale apart"}
+    return checks
 
 
 def latency_table_check(r, dense_cfg: NViTConfig, models: list[dict]) -> dict:
@@ -123,13 +179,8 @@ def latency_table_check(r, dense_cfg: NViTConfig, models: list[dict]) -> dict:
 def record_preprocessing(nv, data_desc: dict) -> None:
     """Store the preprocessing the run trained with in the model (its config.json's pretrained_cfg),
     so timm's data config and a later `--nvit-model` run resolve exactly that."""
-    if data_desc.get("kind") == "embedded":
-        from .datasets import EMBEDDED_MEAN, EMBEDDED_STD
-
-        data = {"mean": [EMBEDDED_MEAN], "std": [EMBEDDED_STD], "crop_pct": 1.0}
-    else:
-        pre = data_desc.get("preprocessing", {})
-        data = {k: pre[k] for k in ("mean", "std", "crop_pct", "interpolation") if k in pre}
+    pre = data_desc.get("preprocessing", {})
+    data = {k: pre[k] for k in ("mean", "std", "crop_pct", "interpolation") if k in pre}
     nv.config.data = {**nv.config.data, **data}
     nv.pretrained_cfg = nv.config.pretrained_cfg()
 
