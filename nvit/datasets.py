@@ -57,13 +57,15 @@ def embedded_class_names(path: str | Path = EMBEDDED_PATH) -> tuple[str, ...]:
     return tuple(str(c) for c in _load_npz(str(path))["class_names"])
 
 
-def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 28, 28] -> float32 normalised with the embedded mean/std."""
-    return (images.float() / 255.0 - EMBEDDED_MEAN) / EMBEDDED_STD
+def normalize_uint8(images: torch.Tensor, mean: float = EMBEDDED_MEAN, std: float = EMBEDDED_STD) -> torch.Tensor:
+    """uint8 [..., 28, 28] -> float32 normalised with `mean`/`std` (default: the embedded data's)."""
+    return (images.float() / 255.0 - mean) / std
 
 
-def load_embedded(split: str, path: str | Path = EMBEDDED_PATH, limit: int | None = None) -> TensorDataset:
-    """The embedded Fashion-MNIST subset: images float32 [1, 28, 28] (normalised), labels int64.
+def load_embedded(split: str, path: str | Path = EMBEDDED_PATH, limit: int | None = None, *,
+                  mean: float = EMBEDDED_MEAN, std: float = EMBEDDED_STD) -> TensorDataset:
+    """The embedded Fashion-MNIST subset: images float32 [1, 28, 28] (normalised with `mean`/`std`, by
+    default the embedded data's own statistics), labels int64.
 
     `limit` keeps the first `limit` samples (the file is already shuffled, so a prefix stays roughly balanced).
     """
@@ -75,7 +77,7 @@ def load_embedded(split: str, path: str | Path = EMBEDDED_PATH, limit: int | Non
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
         x, y = x[:limit], y[:limit]
-    return TensorDataset(normalize_uint8(x).unsqueeze(1).contiguous(), y)
+    return TensorDataset(normalize_uint8(x, mean, std).unsqueeze(1).contiguous(), y)
 
 
 def _find_split_dir(root: Path, split: str) -> Path:

@@ -188,10 +188,22 @@ def data_config(s: dict, model: torch.nn.Module) -> dict:
             raise RunError(f"--{k} needs 1 or {args['input_size'][0]} values, got {list(s[k])}")
     cfg = resolve_data_config(args, model=model)
     if (s["in_chans"] or C) == 1 and s["mean"] is None:
-        from .datasets import EMBEDDED_MEAN, EMBEDDED_STD
-
-        cfg["mean"], cfg["std"] = (EMBEDDED_MEAN,), (EMBEDDED_STD,)  # grayscale: not ImageNet's RGB stats
+        cfg["mean"], cfg["std"] = grayscale_normalisation(model)
     return cfg
+
+
+def grayscale_normalisation(model: torch.nn.Module) -> tuple[tuple[float], tuple[float]]:
+    """(mean, std) of a 1-channel input when no --mean/--std is given: the model's recorded preprocessing
+    (its pretrained_cfg, e.g. what an nvit run or a grayscale timm config saved) when it has one channel;
+    else the embedded data's statistics (ImageNet's RGB ones fit no grayscale input)."""
+    from .datasets import EMBEDDED_MEAN, EMBEDDED_STD
+
+    config = getattr(model, "config", None)  # an NViT model: what it recorded, not timm's filled-in defaults
+    pc = config.data if hasattr(config, "data") else (getattr(model, "pretrained_cfg", None) or {})
+    mean, std = pc.get("mean") or (), pc.get("std") or ()
+    if len(mean) == 1 and len(std) == 1:
+        return (float(mean[0]),), (float(std[0]),)
+    return (EMBEDDED_MEAN,), (EMBEDDED_STD,)
 
 
 def augmentation(s: dict) -> str:
@@ -205,7 +217,7 @@ def load_data(s: dict, model: torch.nn.Module, world: int = 1):
     random train transforms from the global RNGs, which the loader seeds per sample (nvit.loader), so
     batches are reproducible. Streaming ones (wds/…, hfids/…, tfds/…) are timm's IterableImageDataset:
     timm shards them over ranks and workers, and their order is fixed by the seed and the epoch only."""
-    from .datasets import EMBEDDED_MEAN, EMBEDDED_PATH, EMBEDDED_STD, load_embedded
+    from .datasets import EMBEDDED_PATH, load_embedded
     from .loader import pad_crop_flip
 
     aug = augmentation(s)
@@ -221,14 +233,19 @@ def load_data(s: dict, model: torch.nn.Module, world: int = 1):
         path = s["embedded_data"] or EMBEDDED_PATH
         if not Path(path).is_file():
             raise RunError(f"--embedded-data {path}: no such file")
+        for k in ("mean", "std"):
+            if s[k] is not None and len(s[k]) != 1:
+                raise RunError(f"--{k}: the embedded data has 1 channel, got {len(s[k])} values")
+        (mean,), (std,) = (tuple(s["mean"]), tuple(s["std"])) if s["mean"] is not None else grayscale_normalisation(model)
         try:
-            train = load_embedded("train", path=path, limit=s["train_limit"])
-            test = load_embedded("test", path=path, limit=s["eval_limit"])
+            train = load_embedded("train", path=path, limit=s["train_limit"], mean=mean, std=std)
+            test = load_embedded("test", path=path, limit=s["eval_limit"], mean=mean, std=std)
         except ValueError as e:
             raise RunError(f"--embedded-data: {e}") from None
-        desc = {"kind": "embedded", "name": "Fashion-MNIST subset" if not s["embedded_data"] else str(path)}
+        desc = {"kind": "embedded", "name": "Fashion-MNIST subset" if not s["embedded_data"] else str(path),
+                "preprocessing": {"mean": [mean], "std": [std], "crop_pct": 1.0}}
         if aug == "pad-crop":
-            extra = pad_crop_flip(s["pad"], s["flip"], fill=(0.0 - EMBEDDED_MEAN) / EMBEDDED_STD)
+            extra = pad_crop_flip(s["pad"], s["flip"], fill=(0.0 - mean) / std)
         desc.update(n_train=len(train), n_test=len(test), augmentation=aug)
         return train, test, extra, desc
     cfg = data_config(s, model)
