@@ -18,6 +18,10 @@ prune exactly), the converted architecture (an :class:`~nvit.model.NViTConfig`, 
 nvit.cost counts) and how the sliced parameters are named there. Everything else -- saliency maps,
 zeroing masks, conversion slicing, unit bookkeeping -- is derived here, the same for every family.
 
+All of this bookkeeping (slice indices, unit tables, masks) lives on the CPU whatever device the model's
+parameters are on and whatever the default device is: a model built under ``with torch.device("meta")``
+(shapes only) or with a CUDA default device gets the same slices, units and masks, with real values.
+
 Kinds (the method's structures)::
 
     embed        one embedding channel (shared by every block through the residual stream); a hierarchical
@@ -31,6 +35,7 @@ Kinds (the method's structures)::
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -147,7 +152,7 @@ class Units:
         def take(kind, block, head, n):
             start = len(rows)
             rows.extend((kind, block, head, i) for i in range(n))
-            return torch.arange(start, start + n)
+            return torch.arange(start, start + n, device="cpu")
 
         for key, width in dims.embed_stages():
             self.tables[(EMBED, key)] = take(EMBED, key, -1, width)[None]
@@ -156,7 +161,7 @@ class Units:
             self.tables[(HEAD, b)] = take(HEAD, b, -1, H)[None]
             for kind, per_head in ((QK, bd.qk_units), (V, bd.v_dims)):
                 width = max(per_head)
-                t = torch.full((H, width), -1, dtype=torch.long)
+                t = torch.full((H, width), -1, dtype=torch.long, device="cpu")
                 if granularity == "aligned":
                     if len(set(per_head)) > 1:
                         raise ValueError(f"nvit: block {b} has uneven head dims; 'aligned' needs equal dims per head")
@@ -169,7 +174,7 @@ class Units:
             if branches:
                 self.tables[(ATTN_BRANCH, b)] = take(ATTN_BRANCH, b, -1, 1)[None]
                 self.tables[(MLP_BRANCH, b)] = take(MLP_BRANCH, b, -1, 1)[None]
-        t = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
+        t = torch.tensor(rows, dtype=torch.int64, device="cpu").reshape(-1, 4)
         self.index = UnitIndex(*(t[:, i].contiguous() for i in range(4)))
 
     def ids(self, s: Slice) -> torch.Tensor | None:
@@ -206,23 +211,23 @@ class Masks:
 
     def __post_init__(self):
         if self.attn_on is None:
-            self.attn_on = torch.ones(len(self.heads), dtype=torch.bool)
+            self.attn_on = torch.ones(len(self.heads), dtype=torch.bool, device="cpu")
         if self.mlp_on is None:
-            self.mlp_on = torch.ones(len(self.heads), dtype=torch.bool)
+            self.mlp_on = torch.ones(len(self.heads), dtype=torch.bool, device="cpu")
 
     @classmethod
     def full(cls, dims: Dims) -> "Masks":
         def per_head(n: list[int]) -> torch.Tensor:
-            t = torch.zeros(len(n), max(n), dtype=torch.bool)
+            t = torch.zeros(len(n), max(n), dtype=torch.bool, device="cpu")
             for h, k in enumerate(n):
                 t[h, :k] = True
             return t
 
-        embed = [torch.ones(w, dtype=torch.bool) for _, w in dims.embed_stages()]
-        return cls(embed if isinstance(dims.embed, (list, tuple)) else embed[0],
-                   [torch.ones(b.heads, dtype=torch.bool) for b in dims.blocks],
+        ones = functools.partial(torch.ones, dtype=torch.bool, device="cpu")
+        embed = [ones(w) for _, w in dims.embed_stages()]
+        return cls(embed if isinstance(dims.embed, (list, tuple)) else embed[0], [ones(b.heads) for b in dims.blocks],
                    [per_head(b.qk_units) for b in dims.blocks], [per_head(b.v_dims) for b in dims.blocks],
-                   [torch.ones(b.mlp, dtype=torch.bool) for b in dims.blocks])
+                   [ones(b.mlp) for b in dims.blocks])
 
     @property
     def staged(self) -> bool:
@@ -297,12 +302,35 @@ class Masks:
 # --------------------------------------------------------------------------------------------------
 # A family's declaration
 # --------------------------------------------------------------------------------------------------
+def _on_cpu(declare):
+    """`declare` run with the CPU as the default device (see Family.__init_subclass__)."""
+    @functools.wraps(declare)
+    def run(*args, **kwargs):
+        if torch.empty(0).device.type == "cpu":  # already the default: no device mode on every torch call
+            return declare(*args, **kwargs)
+        with torch.device("cpu"):
+            return declare(*args, **kwargs)
+
+    return run
+
+
 class Family:
     """One model family's structures. Subclasses (nvit/families/) override the methods below; the
-    rest of nvit derives everything from them. A family instance describes one model."""
+    rest of nvit derives everything from them. A family instance describes one model.
+
+    A subclass's dims() and slices() run with the CPU as the default device, so the tensors they make
+    with torch.arange & co. (slice indices, orders) are CPU bookkeeping with real values even when the
+    caller's default device is another one: under ``with torch.device("meta")`` they would otherwise
+    be meta tensors -- no values, and no boolean indexing (nonzero) on them."""
 
     name = "family"
     qk_width = 1  # dims per QK unit
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in ("dims", "slices"):
+            if name in cls.__dict__:
+                setattr(cls, name, _on_cpu(cls.__dict__[name]))
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -455,7 +483,7 @@ def sliced_state(by_param: dict[str, list[Slice]], params: dict[str, torch.Tenso
             axis_slices = [s for s in ss if (0 if p.dim() <= 1 else s.axis) == ax]
             if not axis_slices:
                 continue
-            keep = torch.ones(_axis_len(p, ax), dtype=torch.bool)
+            keep = torch.ones(_axis_len(p, ax), dtype=torch.bool, device="cpu")
             order = None
             for s in axis_slices:
                 keep &= masks.alive(s)
