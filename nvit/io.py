@@ -101,7 +101,7 @@ def save(model: NViT | NViTSwin, path: str | os.PathLike, *, overwrite: bool = F
         tmp.chmod(0o755)  # mkdtemp makes a private folder; a saved model is meant to be shared
         c = model.config
         # timm's hub layout, so timm's local-dir: scheme and data config read the folder as it is.
-        cfg = {"architecture": architecture_of(c), "num_classes": c.num_classes, "num_features": c.embed_dim,
+        cfg = {"architecture": architecture_of(c), "num_classes": c.num_classes, "num_features": c.out_dim,
                "model_args": {"config": c.to_dict()}, "pretrained_cfg": c.pretrained_cfg(),
                "format": FORMAT, "format_version": FORMAT_VERSION}
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))

@@ -20,10 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nvit_kernels.attention import uneven_attention
-
 from . import cost  # also registers the attention op's FLOP formula with FlopCounterMode
-from .model import BlockConfig, Mlp, config_from_fields, timm_pretrained_cfg
+from .model import (BlockConfig, Mlp, attend, check_drop_rates, check_embed_index, check_pool, config_from_fields,
+                    drop_path_module, timm_pretrained_cfg, to_dense_module)
 
 
 @dataclass
@@ -47,6 +46,17 @@ class NViTSwinConfig:
     norm_eps: float = 1e-5
     provenance: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)  # as NViTConfig.data
+    final_norm: bool = True      # False after prune_intermediate_layers(prune_norm=True)
+    global_pool: str = "avg"     # "avg", or "" (no pooling, num_classes 0: timm's reset_classifier(0, ""))
+    # Per stage, as NViTConfig.dense_embed_dim / embed_index: the source's widths and each kept channel's
+    # source channel ([] / None: outputs at the pruned widths, as configs before these fields).
+    dense_embed_dims: list[int] = field(default_factory=list)
+    embed_indices: list[list[int]] | None = None
+    # As NViTConfig's: drop-path per block ([]: none) and timm's drop_rate, proj_drop_rate, attn_drop_rate.
+    drop_path_rates: list[float] = field(default_factory=list)
+    drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.img_size, int):
@@ -61,6 +71,24 @@ class NViTSwinConfig:
                              f"embed_dims={self.embed_dims}, window_sizes={self.window_sizes}")
         if stages != sorted(stages) or (stages and not (0 <= stages[0] and stages[-1] < S)):
             raise ValueError(f"nvit: Swin blocks must be listed stage by stage within 0..{S - 1}, got stages {stages}")
+        check_pool(self.global_pool, self.num_classes, ("avg",))
+        if self.embed_indices is not None:
+            if len(self.embed_indices) != S or len(self.dense_embed_dims) != S:
+                raise ValueError("nvit: embed_indices and dense_embed_dims need one entry per stage")
+            self.embed_indices = [check_embed_index(w, d, i)
+                                  for w, d, i in zip(self.embed_dims, self.dense_embed_dims, self.embed_indices)]
+        elif self.dense_embed_dims not in ([], list(self.embed_dims)):
+            raise ValueError("nvit: dense_embed_dims other than embed_dims needs embed_indices")
+        self.drop_path_rates = check_drop_rates(self, len(self.blocks))
+
+    def out_dims(self) -> list[int]:
+        """Per stage, the width its outputs come out at (the source's dense width where recorded)."""
+        return list(self.dense_embed_dims) if self.embed_indices is not None else list(self.embed_dims)
+
+    @property
+    def out_dim(self) -> int:
+        """The width of forward_features and of a headless model's output (the last stage's)."""
+        return self.out_dims()[-1]
 
     @property
     def family(self) -> str:
@@ -157,12 +185,15 @@ def shift_mask(res: tuple[int, int], window: tuple[int, int], shift: tuple[int, 
 class UnevenWindowAttention(nn.Module):
     """Window attention whose heads each have their own QK and V dims and relative position bias column."""
 
-    def __init__(self, dim: int, cfg: BlockConfig, window: tuple[int, int], qkv_bias: bool):
+    def __init__(self, dim: int, cfg: BlockConfig, window: tuple[int, int], qkv_bias: bool, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
         super().__init__()
         self.qk_dims, self.v_dims, self.scales = list(cfg.qk_dims), list(cfg.v_dims), list(cfg.scales)
         self.window = window
         self.qkv = nn.Linear(dim, cfg.qkv_out, bias=qkv_bias)
         self.proj = nn.Linear(sum(cfg.v_dims), dim)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1), cfg.heads))
         self.register_buffer("relative_position_index", relative_position_index(*window), persistent=False)
@@ -174,26 +205,28 @@ class UnevenWindowAttention(nn.Module):
         return b.view(N, N, -1).permute(2, 0, 1).contiguous()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        out = uneven_attention(self.qkv(x), self.qk_dims, self.v_dims, self.scales, bias=self.position_bias(),
-                               mask=mask)
-        return self.proj(out)
+        out = attend(self.qkv(x), self.qk_dims, self.v_dims, self.scales, self.attn_drop, bias=self.position_bias(),
+                     mask=mask)
+        return self.proj_drop(self.proj(out))
 
 
 class SwinBlock(nn.Module):
     """timm's SwinTransformerBlock: (shifted) window attention on norm1's output, then the MLP; a branch
     whose structures were all removed is absent."""
 
-    def __init__(self, dim: int, cfg: BlockConfig, geometry, qkv_bias: bool, norm_eps: float):
+    def __init__(self, dim: int, cfg: BlockConfig, geometry, qkv_bias: bool, norm_eps: float, drop_path: float = 0.0,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0):
         super().__init__()
         self.resolution, self.window, self.shift = geometry
         self.has_attn, self.has_mlp = cfg.has_attn, cfg.has_mlp
         if self.has_attn:
             self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-            self.attn = UnevenWindowAttention(dim, cfg, self.window, qkv_bias)
+            self.attn = UnevenWindowAttention(dim, cfg, self.window, qkv_bias, attn_drop, proj_drop)
             self.register_buffer("attn_mask", shift_mask(self.resolution, self.window, self.shift), persistent=False)
         if self.has_mlp:
             self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-            self.mlp = Mlp(dim, cfg.mlp)
+            self.mlp = Mlp(dim, cfg.mlp, drop=proj_drop)
+        self.drop_path1, self.drop_path2 = drop_path_module(drop_path), drop_path_module(drop_path)
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         _, H, W, _ = x.shape
@@ -208,9 +241,9 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.has_attn:
-            x = x + self._attn(self.norm1(x))
+            x = x + self.drop_path1(self._attn(self.norm1(x)))
         if self.has_mlp:
-            x = x + self.mlp(self.norm2(x))
+            x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x
 
 
@@ -254,18 +287,26 @@ class PatchEmbed(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Average over the map, then fc (timm's ClassifierHead with pool 'avg')."""
+    """timm's ClassifierHead on NHWC maps: pool ('avg' over the map, or '' none), dropout, fc."""
 
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(self, dim: int, num_classes: int, pool: str = "avg", drop: float = 0.0, device=None, dtype=None):
         super().__init__()
-        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.pool = pool
+        self.drop = nn.Dropout(drop)
+        self.fc = nn.Linear(dim, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
 
-    def forward(self, x):
-        return self.fc(x.mean(dim=(1, 2)))
+    def forward(self, x, pre_logits: bool = False):
+        x = self.drop(x.mean(dim=(1, 2)) if self.pool == "avg" else x)
+        return x if pre_logits else self.fc(x)
 
 
 class NViTSwin(nn.Module):
-    """A pruned Swin Transformer with an irregular architecture (see NViTSwinConfig)."""
+    """A pruned Swin Transformer with an irregular architecture (see NViTSwinConfig).
+
+    Its features (``forward_features``, each stage's ``forward_intermediates`` map, a headless model's
+    ``forward``) come out at the source's dense widths, pruned channels zero (the module docstring);
+    ``forward_head`` takes features of either width. timm's ``forward_intermediates`` /
+    ``prune_intermediate_layers`` / ``reset_classifier`` work as on timm's SwinTransformer."""
 
     def __init__(self, config: NViTSwinConfig):
         super().__init__()
@@ -273,24 +314,111 @@ class NViTSwin(nn.Module):
         self.pretrained_cfg = c.pretrained_cfg()
         D = c.embed_dims
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, D[0], c.patch_norm, c.norm_eps)
+        rates = c.drop_path_rates or [0.0] * len(c.blocks)
         stages = []
         for s in range(len(D)):
-            blocks = [SwinBlock(D[s], b, c.geometry(i), c.qkv_bias, c.norm_eps)
+            blocks = [SwinBlock(D[s], b, c.geometry(i), c.qkv_bias, c.norm_eps, rates[i], c.proj_drop_rate,
+                                c.attn_drop_rate)
                       for i, b in enumerate(c.blocks) if b.stage == s]
             down = PatchMerging(D[s - 1], D[s], c.norm_eps) if s > 0 else nn.Identity()
             stages.append(SwinStage(down, blocks))
         self.layers = nn.Sequential(*stages)
-        self.norm = nn.LayerNorm(D[-1], eps=c.norm_eps)
-        self.head = ClassifierHead(D[-1], c.num_classes)
+        self.norm = nn.LayerNorm(D[-1], eps=c.norm_eps) if c.final_norm else nn.Identity()
+        self.head = ClassifierHead(D[-1], c.num_classes, c.global_pool, c.drop_rate)
+        indices = c.embed_indices or [None] * len(D)
+        dense = [to_dense_module(i, d) for i, d in zip(indices, c.out_dims())]
+        self.to_dense = nn.ModuleList([nn.Identity() if t is None else t for t in dense])
+        self._timm_attributes()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _timm_attributes(self) -> None:
+        c = self.config
+        self.num_classes, self.global_pool = c.num_classes, c.global_pool
+        self.num_features = self.head_hidden_size = c.out_dim
+        self.feature_info = [dict(module=f"layers.{s}", num_chs=d, reduction=c.patch_size * 2 ** s)
+                             for s, d in enumerate(c.out_dims())]
+
+    def _dense(self, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
+        return self.to_dense[stage](x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.layers(self.patch_embed(x)))
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._dense(self._features(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        last = self.to_dense[-1]
+        if isinstance(last, nn.Module) and hasattr(last, "compact"):
+            x = last.compact(x)
+        x = self.head(x, pre_logits=pre_logits)
+        return self._dense(x) if pre_logits or self.config.num_classes <= 0 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self._features(x))
+
+    # ---- timm's feature-extraction API --------------------------------------------------------------
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's SwinTransformer.forward_intermediates: the outputs of the stages `indices` (the last n for
+        an int, all for None; the final norm on the last stage's when `norm`), NCHW (or 'NHWC'), each at its
+        stage's output width."""
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"nvit: output_fmt must be 'NCHW' (or 'NHWC'), got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        x = self.patch_embed(x)
+        last = len(self.layers) - 1
+        stages = self.layers[:max_index + 1] if stop_early else self.layers
+        intermediates, i = [], 0
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = self._dense(self.norm(x) if norm and i == last else x, i)
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        if i == last:
+            x = self.norm(x)
+        return self._dense(x, i), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's: drop the stages after the last of `indices`; the final norm with `prune_norm` or when
+        stages were dropped (it is the last stage's), and the classifier with `prune_head` or when stages
+        were dropped (num_classes 0, no pooling). The config follows, so the model saves and loads."""
+        from timm.models._features import feature_take_indices
+
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        prune_end = max_index < len(self.layers) - 1
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        self.layers = self.layers[:max_index + 1]
+        self.to_dense = self.to_dense[:max_index + 1]
+        c, keep = self.config, max_index + 1
+        n = sum(1 for b in c.blocks if b.stage < keep)
+        self.config = dataclasses.replace(
+            c, embed_dims=c.embed_dims[:keep], blocks=c.blocks[:n], window_sizes=c.window_sizes[:keep],
+            final_norm=isinstance(self.norm, nn.LayerNorm), dense_embed_dims=c.dense_embed_dims[:keep],
+            embed_indices=None if c.embed_indices is None else c.embed_indices[:keep],
+            drop_path_rates=c.drop_path_rates[:n])
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        self._timm_attributes()
+        return take_indices
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new (freshly initialised) classifier over the last stage's pruned stream, or none."""
+        c = self.config
+        pool = c.global_pool if global_pool is None else global_pool
+        self.config = dataclasses.replace(c, num_classes=num_classes, global_pool=pool)
+        w = self.patch_embed.proj.weight
+        self.head = ClassifierHead(c.embed_dims[-1], num_classes, pool, c.drop_rate, device=w.device, dtype=w.dtype)
+        self.pretrained_cfg = self.config.pretrained_cfg()
+        self._timm_attributes()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from ..model_swin import NViTSwin, NViTSwinConfig, SwinBlockConfig, block_flops, block_params
 from ..spec import EMBED, HEAD, BlockDims, Dims, Masks, Slice, UnsupportedModelError
-from .vit import ViTFamily, _is_layernorm, data_config
+from ..model import drop_path_of
+from .vit import ViTFamily, _is_layernorm, data_config, drop_rates, kept_channels
 
 
 def timm_shape_kwargs(state: dict) -> dict:
@@ -99,8 +100,11 @@ class SwinFamily(ViTFamily):
         dynamic_masks = any(getattr(b, "dynamic_mask", False) for layer in m.layers for b in layer.blocks)
         if getattr(m, "dynamic_img_size", False) or dynamic_masks:
             bad.append("dynamic_img_size / strict_img_size=False (the masks and padding are built per input)")
-        if m.global_pool != "avg" or not isinstance(getattr(m.head, "fc", None), (nn.Linear, nn.Identity)):
-            bad.append(f"head: global_pool={m.global_pool!r} (only 'avg' with a Linear classifier)")
+        fc = getattr(m.head, "fc", None)
+        if not isinstance(fc, (nn.Linear, nn.Identity)) or not (
+                m.global_pool == "avg" or (m.global_pool == "" and isinstance(fc, nn.Identity))):
+            bad.append(f"head: global_pool={m.global_pool!r} (only 'avg' with a Linear classifier or none, or '' "
+                       f"without a classifier)")
         pe = m.patch_embed
         if (not isinstance(pe.proj, nn.Conv2d) or not (isinstance(pe.norm, nn.Identity) or _is_layernorm(pe.norm))
                 or pe.proj.kernel_size != pe.proj.stride or pe.proj.kernel_size[0] != pe.proj.kernel_size[1]
@@ -166,7 +170,7 @@ class SwinFamily(ViTFamily):
             if s > 0:
                 out.append((layer.downsample, "norm", s - 1))  # over 4·D_{s-1}: the previous stage's channels
         out += [(blk, n, s) for s, _, blk in self.blocks for n in ("norm1", "norm2")]
-        return out + [(m, "norm", len(m.layers) - 1)]
+        return out + ([(m, "norm", len(m.layers) - 1)] if not isinstance(m.norm, nn.Identity) else [])
 
     def scales(self) -> list[list[float]]:
         if self.is_nvit:
@@ -212,7 +216,8 @@ class SwinFamily(ViTFamily):
     def with_embed_widths(self, config: NViTSwinConfig, widths: list[int]) -> NViTSwinConfig:
         import dataclasses
 
-        return dataclasses.replace(config, embed_dims=list(widths))
+        # (a config to cost: which source channels the widths keep is unknown, so no output mapping)
+        return dataclasses.replace(config, embed_dims=list(widths), dense_embed_dims=[], embed_indices=None)
 
     def block_cost(self, metric: str, config: NViTSwinConfig, block: SwinBlockConfig) -> float:
         return float(block_flops(config, block) if metric == "flops" else block_params(config, block))
@@ -227,8 +232,14 @@ class SwinFamily(ViTFamily):
         embed_dims = [int(t.sum()) for t in masks.embeds]
         blocks = self.block_configs(masks)
         if self.is_nvit:
-            base = m.config.to_dict()
-            base.update(embed_dims=embed_dims, blocks=blocks, provenance=provenance or base["provenance"])
+            c = m.config
+            base = c.to_dict()
+            kept = [kept_channels(keep, None if c.embed_indices is None else c.embed_indices[s],
+                                  c.dense_embed_dims[s] if c.embed_indices is not None else 0)
+                    for s, keep in enumerate(masks.embeds)]
+            base.update(embed_dims=embed_dims, blocks=blocks, provenance=provenance or base["provenance"],
+                        dense_embed_dims=[d for d, _ in kept], embed_indices=[i for _, i in kept],
+                        drop_path_rates=[drop_path_of(b.drop_path1) for _, _, b in self.blocks])
             return NViTSwinConfig(**base)
         pe = m.patch_embed
         first = [layer.blocks[0] for layer in m.layers]
@@ -239,7 +250,10 @@ class SwinFamily(ViTFamily):
             # a window timm shrank to a small map does not shift: the shrunk one derives the same geometry
             window_sizes=[list(b.window_size) for b in first],
             qkv_bias=first[0].attn.qkv.bias is not None, patch_norm=not isinstance(pe.norm, nn.Identity),
-            norm_eps=float(first[0].norm1.eps), provenance=provenance or {}, data=data_config(m))
+            norm_eps=float(first[0].norm1.eps), provenance=provenance or {}, data=data_config(m),
+            global_pool=m.global_pool, dense_embed_dims=[int(t.numel()) for t in masks.embeds],
+            embed_indices=[t.nonzero().flatten().tolist() for t in masks.embeds],
+            **drop_rates(m, [blk for _, _, blk in self.blocks], head=m.head))
         self.check_geometry(cfg)
         return cfg
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..model import BlockConfig, NViT, NViTConfig
+from ..model import BlockConfig, NViT, NViTConfig, drop_path_of
 from ..spec import ATTN_BRANCH, EMBED, HEAD, MLP, MLP_BRANCH, QK, V, BlockDims, Dims, Family, Masks, Slice
 
 PREFIX_TOKENS = ("cls_token", "dist_token", "reg_token")
@@ -93,8 +93,8 @@ class ViTFamily(Family):
         bad = []
         if getattr(m, "attn_pool", None) is not None:
             bad.append("attn_pool (MAP pooling head, global_pool='map')")
-        if m.global_pool not in ("token", "avg"):
-            bad.append(f"global_pool={m.global_pool!r} (supported: 'token', 'avg')")
+        if m.global_pool not in ("token", "avg") and not (m.global_pool == "" and not isinstance(m.head, nn.Linear)):
+            bad.append(f"global_pool={m.global_pool!r} (supported: 'token', 'avg'; '' without a classifier)")
         if getattr(m, "dynamic_img_size", False):
             bad.append("dynamic_img_size")
         if m.pos_embed is None:
@@ -180,6 +180,12 @@ class ViTFamily(Family):
         if self.is_nvit:
             return [list(b.attn.scales) for b in self.model.blocks]
         return [[float(b.attn.scale)] * b.attn.num_heads for b in self.model.blocks]
+
+    def with_embed_widths(self, config: NViTConfig, widths: list[int]) -> NViTConfig:
+        import dataclasses
+
+        # (a config to cost: which source channels the width keeps is unknown, so no output mapping)
+        return dataclasses.replace(config, embed_dim=widths[0], dense_embed_dim=0, embed_index=None)
 
     # ---- slices -----------------------------------------------------------------------------------
     def _param(self, name: str) -> bool:
@@ -278,7 +284,10 @@ class ViTFamily(Family):
         blocks = self.block_configs(masks)
         if self.is_nvit:
             base = m.config.to_dict()
-            base.update(embed_dim=int(masks.embed.sum()), blocks=blocks, provenance=provenance or base["provenance"])
+            dense, index = kept_channels(masks.embed, m.config.embed_index, m.config.dense_embed_dim)
+            base.update(embed_dim=int(masks.embed.sum()), blocks=blocks, provenance=provenance or base["provenance"],
+                        dense_embed_dim=dense, embed_index=index,
+                        drop_path_rates=[drop_path_of(b.drop_path1) for b in m.blocks])
             return type(m.config)(**base)
         img = m.patch_embed.img_size
         return NViTConfig(
@@ -293,7 +302,8 @@ class ViTFamily(Family):
             pre_norm=not isinstance(getattr(m, "norm_pre", nn.Identity()), nn.Identity),
             final_norm=not isinstance(m.norm, nn.Identity) or not isinstance(m.fc_norm, nn.Identity),
             norm_eps=float(m.blocks[0].norm1.eps), provenance=provenance or {}, data=data_config(m),
-            **self.options())
+            dense_embed_dim=int(masks.embed.numel()), embed_index=masks.embed.nonzero().flatten().tolist(),
+            **drop_rates(m, list(m.blocks)), **self.options())
 
     def options(self) -> dict:
         """The converted model's options that this family reads its own way from the timm model."""
@@ -310,6 +320,35 @@ class ViTFamily(Family):
             w = sd["patch_embed.proj.weight"]
             sd["patch_embed.proj.bias"] = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         return sd
+
+
+def kept_channels(keep: torch.Tensor, index: list[int] | None, dense: int) -> tuple[int, list[int]]:
+    """(dense width, source channel of each kept channel) of a converted model's outputs: the kept
+    channels of a source whose own channels sit at `index` in a `dense`-wide output (None: at their own
+    positions, the source's width)."""
+    kept = keep.nonzero().flatten().tolist()
+    if index is None:
+        return int(keep.numel()), kept
+    return dense, [index[i] for i in kept]
+
+
+def _rate(module: nn.Module, name: str) -> float:
+    mod = getattr(module, name, None)
+    return float(mod.p) if isinstance(mod, nn.Dropout) else 0.0
+
+
+def drop_rates(model: nn.Module, blocks: list[nn.Module], head: nn.Module | None = None) -> dict:
+    """A timm model's stochastic layers, as the converted config's fields: drop-path per block (its
+    drop_path1's rate) and the dropouts -- after the position embedding, on the attention probabilities,
+    after the projections, before the classifier (`head`'s head_drop / drop; default: the model's)."""
+    attn = next((b.attn for b in blocks if hasattr(b, "attn")), None)
+    out = dict(drop_path_rates=[drop_path_of(getattr(b, "drop_path1", nn.Identity())) for b in blocks],
+               drop_rate=_rate(model if head is None else head, "head_drop" if head is None else "drop"),
+               proj_drop_rate=_rate(attn, "proj_drop") if attn is not None else 0.0,
+               attn_drop_rate=_rate(attn, "attn_drop") if attn is not None else 0.0)
+    if head is None:
+        out["pos_drop_rate"] = _rate(model, "pos_drop")
+    return out
 
 
 def data_config(model: nn.Module) -> dict:
