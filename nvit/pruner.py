@@ -61,9 +61,12 @@ class Target:
 @dataclass
 class PruneStepInfo:
     removed: dict[str, int]
-    fraction: float  # current metric / dense metric
+    fraction: float  # current metric / dense metric (exact: the metric of the resulting config)
     done: bool
     step: int
+    # Exact cost (fraction of dense) of the last removal group of the step, measured on the config
+    # just before its removal; None when the step removed nothing. See Pruner.prune_step.
+    last_group_cost: float | None = None
 
 
 @dataclass
@@ -160,6 +163,8 @@ class Pruner:
         bucket_t = torch.stack([U.kind, U.block, U.head], 1)
         _, self._unit_bucket = torch.unique(bucket_t, dim=0, return_inverse=True)
         self._unit_group_size = torch.tensor([self.group_size[KIND_NAMES[int(k)]] for k in U.kind.tolist()])
+        # (kind, block, head, index) per unit as Python ints: _remove runs once per removed unit
+        self._unit_rows = list(zip(U.kind.tolist(), U.block.tolist(), U.head.tolist(), U.index.tolist()))
 
     # ---- costs -----------------------------------------------------------------------------------
     def config(self) -> NViTConfig:
@@ -290,7 +295,7 @@ class Pruner:
         return alive
 
     def _remove(self, u: int) -> None:
-        k, b, h, i = (int(t[u]) for t in (self.units.kind, self.units.block, self.units.head, self.units.index))
+        k, b, h, i = self._unit_rows[u]
         M = self.masks
         if k == EMBED:  # the block of an embedding unit is its stage
             M.embed_of(b)[i] = False
@@ -401,7 +406,7 @@ class Pruner:
         if g.kind == MLP_BRANCH:
             return bool(M.mlp_on[b])
         if g.kind == HEAD:
-            return (all(bool(M.heads[b][int(self.units.index[u])]) for u in g.units)
+            return (all(bool(M.heads[b][self._unit_rows[u][3]]) for u in g.units)
                     and int(M.heads[b].sum()) - n >= 1)
         if g.kind == MLP:
             return int(M.mlp[b].sum()) - n >= 1
@@ -412,8 +417,47 @@ class Pruner:
             return int(mm[g.head].sum()) - n >= 1
         return int(mm.any(0).sum()) - n >= 1
 
+    def _exact_fraction(self) -> float:
+        """The target metric of the current masks' config / dense, uncached (the masks change mid-step)."""
+        m = self.target.metric
+        return self._metric(m, self.config()) / self.dense_cost[m]
+
+    def _replay(self, masks: Masks, groups: list[_Group]) -> None:
+        """Set the masks to `masks` (a checkpoint, copied) with `groups` removed in order."""
+        self.masks = masks.clone()
+        for g in groups:
+            for u in g.units:
+                self._remove(u)
+
     def prune_step(self, n_units: int) -> PruneStepInfo:
-        """Remove up to `n_units` lowest-ranked units (fewer if the target is reached first)."""
+        """Remove up to `n_units` lowest-ranked units, group by group (fewer if the target is reached).
+
+        A removal group is the set of units removed together: `group_size[kind]` units of one (kind,
+        block, head) bucket (e.g. 16 MLP channels of a block), one head (its QK/V dims go with it),
+        one QK or V dim group, one whole branch (its contents go with it).
+
+        Stopping rule, with a target t: groups go in rank order until the EXACT fraction f (the target
+        metric of the resulting config / the dense model's) is ≤ t, or `n_units` units are gone, or no
+        allowed group remains. A step that reaches t lands at
+
+            t − last_group_cost  <  f  ≤  t,
+
+        where last_group_cost is the exact cost (fraction of dense) of the step's last removal group,
+        measured on the config just before that group's removal (which was still above t). history[-1]
+        records "fraction" (f, exact), "last_group_cost" (also in the returned info), "last_group" (its
+        kind, block, head, units), "target", "metric", "fraction_before" and "reached" (f ≤ t), so the
+        bound can be checked afterwards. A step that does not reach t records the same quantities
+        (last_group_cost: the last group's exact cost, also measured before its removal).
+
+        Speed: the exact fraction is not computed per group. Each group's first-order cost (its units'
+        ΔC for the masks at the step's start, which misjudges interacting removals: embedding × MLP, a
+        head × its dims, a branch × its contents, a latency table's cross terms) drives a running
+        estimate, rescaled by what the last exact measurement showed. The exact fraction is measured
+        whenever the estimate has covered half the remaining distance to t since the last measurement
+        (near t: after every group). A measurement at or below t means the crossing lies among the
+        groups removed since the last measurement above t: those are bisected exactly for the
+        shortest prefix at or below t, and the rest are put back. Without a target, n_units go.
+        """
         if n_units < 1:
             raise ValueError("nvit: n_units must be ≥1")
         sal = self.step_scores()
@@ -422,40 +466,114 @@ class Pruner:
             return self._uniform_step(sal, alive, n_units)
         dc, lat = self._rank_terms()
         units, gstart, gcost, order = self._groups(sal, dc, lat, alive)
-        gend = torch.cat([gstart[1:], torch.tensor([units.numel()])])
-        frac = self.fraction() if self.target else 1.0
-        removed = {k: 0 for k in KIND_NAMES}
-        count = 0
-        U = self.units
+        units_l, starts = units.tolist(), gstart.tolist() + [units.numel()]
+        gcost_l, rows = gcost.tolist(), self._unit_rows
+        t = self.target.fraction if self.target else None
+        frac0 = frac = self.fraction() if self.target else 1.0
+        applied: list[_Group] = []  # the groups removed, in order
+        # exact checkpoints (groups applied then, masks then, exact fraction then), all above t
+        snaps: list[tuple[int, Masks, float]] = [(0, self.masks.clone(), frac0)] if t is not None else []
+        count, drop, scale = 0, 0.0, 1.0  # units removed; estimated drop since the last checkpoint; its scale
+        reached = t is not None and frac0 <= t
+        measured = True  # whether `frac` is exact for the current masks
         for gi in order.tolist():  # visits only the groups it removes or the guards skip
-            if count >= n_units or (self.target and frac <= self.target.fraction):
+            if reached or count >= n_units:
                 break
-            us = units[int(gstart[gi]):int(gend[gi])].tolist()
-            u0 = us[0]
-            g = _Group(us, int(U.kind[u0]), int(U.block[u0]), int(U.head[u0]), float(gcost[gi]))
+            us = units_l[starts[gi]:starts[gi + 1]]
+            k, b, h, _ = rows[us[0]]
+            g = _Group(us, k, b, h, gcost_l[gi])
             if not self._allowed(g):
                 continue
             for u in g.units:
                 self._remove(u)
-            removed[KIND_NAMES[g.kind]] += len(g.units)
+            applied.append(g)
             count += len(g.units)
-            if self.target:
-                frac -= g.cost  # first-order; the exact fraction is recomputed after the step
+            if t is None:
+                continue
+            measured = False
+            drop += g.cost
+            f_snap = snaps[-1][2]
+            if scale * drop >= (f_snap - t) / 2:  # the estimate covered half the way (or crossed): measure
+                frac, measured = self._exact_fraction(), True
+                if frac <= t:
+                    reached = True
+                else:
+                    if drop > 0:  # how far the first-order estimate was off, for the next stretch
+                        scale = min(max((f_snap - frac) / drop, 0.05), 20.0)
+                    snaps.append((len(applied), self.masks.clone(), frac))
+                    drop = 0.0
+        last_cost = None
+        if t is not None and applied:
+            if not measured:
+                frac = self._exact_fraction()
+                reached = frac <= t
+            i0, m0, f_lo = snaps[-1]
+            if reached:  # f(applied[:i0]) > t ≥ f(applied): bisect applied[i0:] for the first crossing
+                batch = applied[i0:]
+                lo, hi, f_hi, cur = 0, len(batch), frac, len(batch)
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    self._replay(m0, batch[:mid])
+                    cur, fm = mid, self._exact_fraction()
+                    if fm <= t:
+                        hi, f_hi = mid, fm
+                    else:
+                        lo, f_lo = mid, fm
+                if cur != hi:
+                    self._replay(m0, batch[:hi])
+                applied = applied[:i0 + hi]
+                frac, last_cost = f_hi, f_lo - f_hi
+            else:  # the exact fraction just before the last group, from the latest checkpoint before it
+                n = len(applied)
+                i, m, f_prev = next(sn for sn in reversed(snaps) if sn[0] <= n - 1)
+                if i < n - 1:
+                    now = self.masks
+                    self._replay(m, applied[i:n - 1])
+                    f_prev = self._exact_fraction()
+                    self.masks = now
+                last_cost = f_prev - frac
+        removed = {k: 0 for k in KIND_NAMES}
+        for g in applied:
+            removed[KIND_NAMES[g.kind]] += len(g.units)
         self._refresh()
         self.steps += 1
         frac = self.fraction() if self.target else 1.0
-        if count == 0 and self.target and frac > self.target.fraction:
+        if not applied and self.target and frac > self.target.fraction:
             raise TargetUnreachableError(
                 f"nvit: no structure can be removed any more and {self.target.metric} is still "
                 f"{frac:.3f} > target {self.target.fraction}")
-        info = PruneStepInfo(removed, frac, self.done, self.steps)
-        self.history.append({"step": self.steps, "removed": removed, "fraction": frac})
-        return info
+        last = applied[-1] if applied else None
+        self._record(removed, frac, frac0, last_cost,
+                     None if last is None else {"kind": KIND_NAMES[last.kind], "block": last.block,
+                                                "head": last.head, "units": len(last.units)})
+        return PruneStepInfo(removed, frac, self.done, self.steps, last_cost)
+
+    def _record(self, removed: dict[str, int], frac: float, frac0: float, last_cost: float | None,
+                last_group: dict | None) -> None:
+        """The step's entry in history: what went, the exact fraction before and after, and the exact
+        cost of the last removal group (the tolerance of a step that reaches the target)."""
+        tgt = self.target
+        self.history.append({
+            "step": self.steps, "removed": removed, "fraction": frac,
+            "metric": None if tgt is None else tgt.metric, "target": None if tgt is None else tgt.fraction,
+            "fraction_before": frac0, "reached": tgt is not None and frac <= tgt.fraction,
+            "last_group_cost": last_cost, "last_group": last_group})
 
     def _uniform_step(self, sal: torch.Tensor, alive: torch.Tensor, n_units: int) -> PruneStepInfo:
         """Baseline allocation: every (kind, block) bucket keeps the same fraction of its dense units
         (the lowest-scored go), so all blocks keep the same shape; the fraction shrinks by n_units of
-        the whole model per step, and the last step stops at the largest fraction that meets the target."""
+        the whole model per step, and the last step stops at the largest kept ratio that meets the target.
+
+        The kept ratio r keeps ceil(r · dense size) units (≥1) per bucket, so the plan only changes at
+        ratios j/n (n a bucket's dense size): the step bisects exactly over those. Its "last group" is
+        the slice between two neighbouring ratios -- one unit from each bucket whose count changes there
+        (the ratio is common to all buckets, so a slice is one unit of every bucket of that size: one
+        layer of the uniform shape, the smallest step uniform allocation can take). Its exact cost,
+        measured on the config with the slice still in (above the target), is "last_group_cost"; a step
+        that reaches the target lands in (target − last_group_cost, target]. Group sizes are not applied
+        here (the baseline removes single units)."""
+        from fractions import Fraction
+
         U = self.units
         kind, block, head = U.kind.tolist(), U.block.tolist(), U.head.tolist()
         buckets: dict[tuple, list[int]] = {}
@@ -464,7 +582,7 @@ class Pruner:
         order = {key: sorted((u for u in us if alive[u]), key=lambda u: (float(sal[u]), u))
                  for key, us in buckets.items() if not (key[0] == QK and not self.adapter.qk_prunable)}
 
-        def plan(keep: float) -> list[int]:  # units to remove so each bucket keeps ceil(keep · dense size)
+        def plan(keep: Fraction) -> list[int]:  # units to remove so each bucket keeps ceil(keep · dense size)
             out = []
             for key, live in order.items():
                 n_keep = max(1, math.ceil(keep * len(buckets[key])))
@@ -475,22 +593,32 @@ class Pruner:
             saved = self.masks.clone()
             for u in units:
                 self._remove(u)
-            m = self.target.metric
-            f = self._metric(m, self.config()) / self.dense_cost[m]  # not fraction(): its cache is for the real masks
+            f = self._exact_fraction()  # not fraction(): its cache is for the real masks
             self.masks = saved
             return f
 
-        keep = max(0.0, (int(alive.sum()) - n_units) / U.num_units)
-        chosen = plan(keep)
-        if self.target and frac_after(chosen) < self.target.fraction:  # would overshoot: bisect the ratio
-            lo, hi = keep, int(alive.sum()) / U.num_units
-            for _ in range(20):
-                mid = (lo + hi) / 2
-                if frac_after(plan(mid)) <= self.target.fraction:
-                    lo = mid
-                else:
-                    hi = mid
-            chosen = plan(lo)
+        # the ratios where the plan changes, from the step's full-size ratio up to 1 (nothing removed)
+        keep = Fraction(max(0, int(alive.sum()) - n_units), U.num_units)
+        sizes = {len(buckets[key]) for key in order}
+        ratios = sorted({Fraction(j, n) for n in sizes for j in range(1, n + 1) if Fraction(j, n) >= keep})
+        chosen, last_cost = plan(keep), None
+        frac0 = self.fraction() if self.target else 1.0
+        if self.target and frac0 <= self.target.fraction:
+            chosen = []  # already there
+        elif self.target and chosen:
+            t, f_lo = self.target.fraction, frac_after(chosen)
+            if f_lo <= t:  # the target lies within this step: the largest ratio that meets it
+                lo, hi, f_hi = 0, len(ratios) - 1, frac0  # plan(ratios[-1] = 1) removes nothing
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    fm = frac_after(plan(ratios[mid]))
+                    if fm <= t:
+                        lo, f_lo = mid, fm
+                    else:
+                        hi, f_hi = mid, fm
+                chosen, last_cost = plan(ratios[lo]), f_hi - f_lo
+            elif len(ratios) > 1:  # not there yet: the cost of this step's last slice
+                last_cost = frac_after(plan(ratios[1])) - f_lo
         removed = {k: 0 for k in KIND_NAMES}
         for u in chosen:
             self._remove(u)
@@ -500,8 +628,8 @@ class Pruner:
         frac = self.fraction() if self.target else 1.0
         if not chosen and self.target and frac > self.target.fraction:
             raise TargetUnreachableError(f"nvit: uniform pruning cannot go below {frac:.3f} of {self.target.metric}")
-        self.history.append({"step": self.steps, "removed": removed, "fraction": frac})
-        return PruneStepInfo(removed, frac, self.done, self.steps)
+        self._record(removed, frac, frac0, last_cost, None if last_cost is None else {"kind": "uniform slice"})
+        return PruneStepInfo(removed, frac, self.done, self.steps, last_cost)
 
     def prune_to_target(self, n_per_step: int = 64) -> list[PruneStepInfo]:
         """One-shot: repeat prune steps on the saliency gathered so far until the target is met."""
