@@ -44,6 +44,13 @@ class TargetUnreachableError(RuntimeError):
     """The target cannot be met without removing a structure the guards keep."""
 
 
+class NoSaliencyError(RuntimeError):
+    """A prune step was asked for before any saliency was accumulated (no accumulate() since the
+    pruner was made, and no EMA from an earlier step). Nothing was changed: accumulate the saliency of
+    at least one batch and call prune_step() again (a training loop may simply postpone the step;
+    ``Pruner.has_saliency`` says beforehand whether a step can rank)."""
+
+
 @dataclass
 class Target:
     """Prune until `metric` (latency | flops | params) is at most `fraction` of the dense model's."""
@@ -320,11 +327,18 @@ class Pruner:
             else:
                 mm[h, i] = False
 
+    @property
+    def has_saliency(self) -> bool:
+        """Whether a prune step can rank now: a batch was accumulated since the last step, or an earlier
+        step left an EMA. When False, prune_step() raises NoSaliencyError (and changes nothing)."""
+        return self.n_batches > 0 or self.ema is not None
+
     def step_scores(self) -> torch.Tensor:
-        """Saliency per unit used for ranking: batch average since the last step, EMA across steps."""
+        """Saliency per unit used for ranking: batch average since the last step, EMA across steps.
+        Raises NoSaliencyError (a RuntimeError) when there is none yet (see has_saliency)."""
         if self.n_batches == 0:
             if self.ema is None:
-                raise RuntimeError("nvit: no saliency accumulated yet; call accumulate() after backward first")
+                raise NoSaliencyError("nvit: no saliency accumulated yet; call accumulate() after backward first")
             return self.ema
         avg = (self.scores / self.n_batches).double().cpu()
         m = self.ema_momentum
