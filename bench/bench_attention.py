@@ -14,6 +14,8 @@ hits all variants alike; they land in ``benchmark.extra_info``:
 and the same two against ``padded_sdpa_only``. CPU fp32 also runs single-threaded (``t1``): on a shared
 machine, two OpenMP threads wait on each other whenever a neighbour takes a core, which swamps small
 calls. Run: pytest bench/bench_attention.py --benchmark-only
+Quick mode (quickmode.py): every config, dtype, thread count and Swin train/infer case, at batch <= 4 and
+one round.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 from nvit_kernels import dispatch
 from nvit_kernels.attention import uneven_attention
+from quickmode import pick
 
 # Per-head dims. DeiT-B block (12 x 64) pruned to about half the attention FLOPs with uneven heads
 # (QK pruned harder than V, as NViT finds); the small model: dim 128, 4 heads of 32, N = 50.
@@ -38,9 +41,12 @@ CONFIGS = {
     "small_pruned": ([32, 24, 16, 8], [32, 32, 24, 16], 50),
     "small_dense": ([32] * 4, [32] * 4, 50),
 }
-CASES = [("deitb_half", 1), ("deitb_half", 8), ("deitb_half", 64), ("deitb_dense", 8),
-         ("small_pruned", 1), ("small_pruned", 64), ("small_dense", 64)]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CASES = pick([("deitb_half", 1), ("deitb_half", 8), ("deitb_half", 64), ("deitb_dense", 8),
+              ("small_pruned", 1), ("small_pruned", 64), ("small_dense", 64)],
+             [("deitb_half", 1), ("deitb_half", 2), ("deitb_dense", 2), ("small_pruned", 1), ("small_pruned", 4),
+              ("small_dense", 4)])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA device"))]
 DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float16, torch.bfloat16]}
 
 
@@ -149,7 +155,7 @@ def _bench_case(benchmark, device, dtype, case):
         return uneven_attention(qkv, qk, vd, scales)
 
     work = B * H * N * N * max(mq, mv)
-    rounds = max(3, min(20, int(1e8 / work)))  # enough for a stable min, short on 2 shared cores
+    rounds = pick(max(3, min(20, int(1e8 / work))), 1)  # enough for a stable min, short on 2 shared cores
     t = _interleaved_min([ours, lambda: padded(qkv, qk, vd, scales),
                           lambda: F.scaled_dot_product_attention(qp, kp, vp), lambda: loop(qkv, qk, vd, scales),
                           lambda: buckets(qkv, qk, vd, scales)], device, rounds)
@@ -216,7 +222,7 @@ def dense_window(q, k, v, bias, mask):
 @pytest.mark.parametrize("threads", [1, 0], ids=["t1", "tall"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
-@pytest.mark.parametrize("images", [1, 64], ids=lambda b: f"img{b}")
+@pytest.mark.parametrize("images", pick([1, 64], [1, 2]), ids=lambda b: f"img{b}")
 def test_swin_window_attention(benchmark, images, train, dtype, threads):
     if threads and dtype != torch.float32:
         pytest.skip("single-thread figures: fp32 only")
@@ -261,7 +267,7 @@ def _bench_swin(benchmark, images, train, dtype):
            step(lambda: padded_window(qkv, qk, vd, scales, bias, mask)),
            step(lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=am)),
            step(lambda: dense_window(qd, kd, vd_, dense_bias, mask))]
-    rounds = 5 if (train and images > 1) else (10 if images > 1 or train else 30)
+    rounds = pick(5 if (train and images > 1) else (10 if images > 1 or train else 30), 1)
     t_ours, t_pad, t_sdpa, t_dense = _interleaved_min(fns, "cpu", rounds)
     flop_frac = sum(a + c for a, c in zip(qk, vd)) / (H * (mq + mv))
     dense_frac = sum(a + c for a, c in zip(qk, vd)) / (16 * 64)

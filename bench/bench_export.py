@@ -6,6 +6,7 @@ per-head "uneven" dims). Exports: the dense timm ViT; the NViT with its uneven d
 equal dims, one SDPA per group); the NViT padded to head dims in multiples of 8 (--pad-heads 8: what
 fused attention kernels want). Eager PyTorch of both for reference. Batch 1 and 64; interleaved
 rounds, min of each. extra_info: ort_speedup_vs_flops (uneven), ort_speedup_padded, eager_speedup, ms.
+Quick mode (quickmode.py): the small model only, cut to 2 blocks (the same three exports), batch 1 and 4, one round.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ import torch
 from bench_nvit_model import MODELS, _interleaved_min, pruned_masks
 from nvit.deploy import exportable
 from nvit.structures import Adapter
+from quickmode import pick
 
 pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("onnx", "onnxruntime", "onnxscript")),
                                 reason='needs pip install ".[export]"')
-CASES = [("small", 1), ("small", 64), ("deit_s", 1), ("deit_s", 64)]
+CASES = pick([("small", 1), ("small", 64), ("deit_s", 1), ("deit_s", 64)], [("small", 1), ("small", 4)])
 
 
 def _onnx(model, x, path):
@@ -66,7 +68,7 @@ def test_onnxruntime_speedup(benchmark, tmp_path_factory, name, batch):
                 m(x)
         return f
 
-    rounds = 7 if (name == "small" or batch == 1) else 3
+    rounds = pick(7 if (name == "small" or batch == 1) else 3, 1)
     t = _interleaved_min([ort(c["s_dense"]), ort(c["s_nv"]), ort(c["s_pad"]), eager(c["dense"]), eager(c["nv"])],
                          rounds)
     t_dense, t_nv, t_pad, e_dense, e_nv = t

@@ -14,6 +14,8 @@ Figures land in ``benchmark.extra_info``:
   loadavg                the machine's 1-minute load when the case ran (shared CPUs skew timings)
 CPU cases run with one thread and with all of torch's threads (threads=1 is the stable figure on a
 shared machine). Run: pytest bench/bench_nvit_model.py --benchmark-only  (a few minutes on 2 cores).
+Quick mode (quickmode.py): the same cases with every model cut to 2 blocks, batch 64 cut to 4, one forward
+per round and one round.
 """
 from __future__ import annotations
 
@@ -28,20 +30,23 @@ from timm.models.vision_transformer import VisionTransformer
 
 from nvit.cost import count_flops
 from nvit.structures import Adapter
+from quickmode import pick
 
 TARGET_FLOPS = 0.5  # pruned / dense
+DEIT_KW = pick({}, {"depth": 2})  # quick: 2 blocks (the first and last keep their own mask rules)
+BIG_BATCH = pick(64, 4)
 
 
 def _deit_s():
-    return timm.create_model("deit_small_patch16_224", pretrained=False)
+    return timm.create_model("deit_small_patch16_224", pretrained=False, **DEIT_KW)
 
 
 def _deit_b():
-    return timm.create_model("deit_base_patch16_224", pretrained=False)
+    return timm.create_model("deit_base_patch16_224", pretrained=False, **DEIT_KW)
 
 
-def _small():  # the embedded task's shape (nvit/data/fashion_vit.json)
-    return VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6,
+def _small():  # the embedded task's shape (nvit/data/fashion_vit.json); quick: 2 of its 6 blocks
+    return VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=pick(6, 2),
                              num_heads=4)
 
 
@@ -118,11 +123,12 @@ def _interleaved_min(fns, rounds):
 # (model, variant, batch, threads). DeiT-S at batch 64 costs ~5-10 s a forward on 2 shared cores: all
 # threads and the uneven variant only; DeiT-B at batch 1 only.
 ALL = 0
-CASES = ([("small", v, b, t) for v in ("uneven", "aligned", "full") for b in (1, 64) for t in (1, ALL)]
+CASES = ([("small", v, b, t) for v in ("uneven", "aligned", "full") for b in (1, BIG_BATCH) for t in (1, ALL)]
          + [("deit_s", v, 1, t) for v in ("uneven", "aligned", "full") for t in (1, ALL)]
-         + [("deit_s", "uneven", 64, ALL)]
+         + [("deit_s", "uneven", BIG_BATCH, ALL)]
          + [("deit_b", "uneven", 1, t) for t in (1, ALL)])
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA device"))]
 
 _BUILT: dict = {}
 
@@ -161,7 +167,7 @@ def test_nvit_vs_dense(benchmark, device, case):
             out = nv(x)
             assert out.shape == (B, cfg.num_classes) and torch.isfinite(out).all()
             ops = int(2e10 / max(1, f_dense * B))  # repetitions so each round lasts ~>= 0.1 s
-            reps = max(1, min(50, ops))
+            reps = pick(max(1, min(50, ops)), 1)
 
             def run(m):
                 def f():
@@ -170,7 +176,7 @@ def test_nvit_vs_dense(benchmark, device, case):
                     sync()
                 return f
 
-            rounds = 7 if f_dense * B < 1e10 else (3 if f_dense * B < 5e10 else 2)  # min of more rounds when cheap
+            rounds = pick(7 if f_dense * B < 1e10 else (3 if f_dense * B < 5e10 else 2), 1)  # more rounds when cheap
             t_dense, t_nv = (t / reps for t in _interleaved_min([run(dense), run(nv)], rounds))
             flops_red = f_dense / f_pruned
             speedup = t_dense / t_nv

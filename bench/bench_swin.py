@@ -9,6 +9,8 @@ Batch 1 and 16 for both variants, batch 64 for the uneven one only (Swin-B at ba
 forward on 2 cores: one timed round after the warm-up); figures in ``benchmark.extra_info`` as
 bench_nvit_model's (flops_reduction, speedup, speedup_vs_flops, attention backend).
 Run: pytest bench/bench_swin.py --benchmark-only  (~10 min on 2 cores).
+Quick mode (quickmode.py): Swin-B's layout at half its width (embed 64, heads of 32 dims as Swin-B's: 2-4-8-16
+heads) and 2 blocks per stage (plain and shifted windows), batch 1 and 2, one round.
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ from bench_nvit_model import _interleaved_min, _pick
 from nvit.model_swin import count_flops
 from nvit.structures import Adapter
 from nvit_kernels import dispatch
+from quickmode import QUICK, pick
 
 TARGET_FLOPS = 0.5
+SWIN_KW = pick({}, dict(embed_dim=64, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16)))
 
 
 def synthetic_swin_masks(adapter: Adapter, variant: str, s: float, seed: int = 0):
@@ -69,17 +73,19 @@ _BUILT: dict = {}
 def _models(variant: str):
     if variant not in _BUILT:
         torch.manual_seed(0)
-        dense = timm.create_model("swin_base_patch4_window7_224", pretrained=False).eval()
+        dense = timm.create_model("swin_base_patch4_window7_224", pretrained=False, **SWIN_KW).eval()
         adapter = Adapter(dense)
         M, f_dense, f_pruned = pruned(adapter, variant)
         nv = adapter.convert(M).eval()
-        dense = timm.create_model("swin_base_patch4_window7_224", pretrained=False).eval()  # unmasked, unwrapped
+        dense = timm.create_model("swin_base_patch4_window7_224", pretrained=False,  # unmasked, unwrapped
+                                  **SWIN_KW).eval()
         _BUILT.clear()
         _BUILT[variant] = (dense, nv, f_dense, f_pruned)
     return _BUILT[variant]
 
 
-CASES = [(v, b) for b in (1, 16) for v in ("uneven", "aligned")] + [("uneven", 64)]
+# grouped by variant: one model pair is built per variant
+CASES = [("uneven", b) for b in pick((1, 16, 64), (1, 2))] + [("aligned", b) for b in pick((1, 16), (1,))]
 
 
 @pytest.mark.parametrize("variant, batch", CASES, ids=lambda c: str(c))
@@ -88,12 +94,13 @@ def test_nvit_swin_vs_dense_swin_b(benchmark, variant, batch):
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         assert torch.isfinite(nv(x)).all()
-        rounds = {1: 3, 16: 2}.get(batch, 1)
+        rounds = pick({1: 3, 16: 2}.get(batch, 1), 1)
         t_dense, t_nv = _interleaved_min([lambda: dense(x), lambda: nv(x)], rounds)
         red, speedup = f_dense / f_pruned, t_dense / t_nv
         c = nv.config
         benchmark.extra_info.update(
-            model="swin_base_patch4_window7_224", variant=variant, batch=batch, threads=torch.get_num_threads(),
+            model="swin_base_patch4_window7_224" + (" (quick: embed 64, depths 2-2-2-2)" if QUICK else ""),
+            variant=variant, batch=batch, threads=torch.get_num_threads(),
             loadavg=round(os.getloadavg()[0], 2), attention_backend=dispatch.select("attention", x.device),
             embed_dims=c.embed_dims, gflops_dense=f_dense * batch / 1e9, gflops_pruned=f_pruned * batch / 1e9,
             flops_reduction=round(red, 3), ms_dense=t_dense * 1e3, ms_nvit=t_nv * 1e3, speedup=round(speedup, 3),

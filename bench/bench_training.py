@@ -9,7 +9,9 @@ prune_time   wall time of one Pruner.prune_step on DeiT-B's units (ranking, guar
 data_path    images/s of nvit's training DataLoader over a JPEG image folder with timm's random-resized-crop
              transform at 224 px, with 0 and 2 worker processes (extra_info: images_per_s,
              speedup_vs_0_workers).
-CPU here (fp32, torch's threads); on a GPU the same file runs bf16 when one is present.
+CPU here (fp32, torch's threads); on a GPU the same file runs bf16 when one is present (DeiT-B at batch 128
+then too).
+Quick mode (quickmode.py): batches 8 / 2, every model cut to 2 blocks, a 16-image folder, one round each.
 """
 from __future__ import annotations
 
@@ -25,19 +27,24 @@ from timm.models.vision_transformer import VisionTransformer
 from nvit import engine
 from nvit.loader import train_loader
 from nvit.pruner import Pruner, Target
+from quickmode import pick
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 AMP = "bf16" if DEVICE.type == "cuda" else "none"
 
 
-def _small():  # the embedded task's shape
-    return VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4)
+def _small():  # the embedded task's shape (quick: 2 of its 6 blocks)
+    return VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=pick(6, 2),
+                             num_heads=4)
 
 
-CASES = {"small_b64": (_small, 64, (1, 28, 28)),
-         "deit_s_b8": (lambda: timm.create_model("deit_small_patch16_224"), 8, (3, 224, 224))}
-if DEVICE.type == "cuda":
-    CASES["deit_b_b128"] = (lambda: timm.create_model("deit_base_patch16_224"), 128, (3, 224, 224))
+DEIT_KW = pick({}, {"depth": 2})
+CASES = {f"small_b{pick(64, 8)}": (_small, pick(64, 8), (1, 28, 28)),
+         f"deit_s_b{pick(8, 2)}": (lambda: timm.create_model("deit_small_patch16_224", **DEIT_KW), pick(8, 2),
+                                   (3, 224, 224)),
+         f"deit_b_b{pick(128, 2)}": (lambda: timm.create_model("deit_base_patch16_224", **DEIT_KW), pick(128, 2),
+                                     (3, 224, 224))}
+ON_CUDA = {"deit_b_b128", "deit_b_b2"}  # DeiT-B training steps: benchmarked on a GPU only
 
 
 def _min_interleaved(fns, rounds):
@@ -52,7 +59,9 @@ def _min_interleaved(fns, rounds):
     return best
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.skipif(c in ON_CUDA and DEVICE.type != "cuda",
+                                                                         reason="needs a CUDA device"))
+                                  for c in CASES])
 def test_prune_step_overhead(benchmark, case):
     make, B, shape = CASES[case]
     torch.manual_seed(0)
@@ -79,7 +88,7 @@ def test_prune_step_overhead(benchmark, case):
 
     plain, ours = trainer(False), trainer(True)
     plain(), ours()  # warm up (allocations, first custom-op call)
-    rounds = 12 if case.startswith("small") else 4
+    rounds = pick(12 if case.startswith("small") else 4, 1)
     t_plain, t_ours = _min_interleaved([plain, ours], rounds)
     benchmark.extra_info.update(model=case, batch=B, device=str(DEVICE), amp=AMP, threads=torch.get_num_threads(),
                                 loadavg=round(os.getloadavg()[0], 2), ms_plain_timm_step=t_plain * 1e3,
@@ -91,7 +100,7 @@ def test_prune_step_overhead(benchmark, case):
 @pytest.mark.parametrize("gran", ["aligned", "per-head"])
 def test_prune_step_time(benchmark, gran):
     torch.manual_seed(0)
-    pruner = Pruner(timm.create_model("deit_base_patch16_224"), Target("flops", 0.2), granularity=gran,
+    pruner = Pruner(timm.create_model("deit_base_patch16_224", **DEIT_KW), Target("flops", 0.2), granularity=gran,
                     group_size={"mlp": 16, "embed": 8, "qk": 2, "v": 2})
     g = torch.Generator().manual_seed(0)
 
@@ -102,7 +111,7 @@ def test_prune_step_time(benchmark, gran):
 
     step()  # first call: allocations
     times = []
-    for _ in range(5):
+    for _ in range(pick(5, 1)):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
@@ -121,7 +130,7 @@ def jpeg_folder(tmp_path_factory):
     for c in range(4):
         d = root / "train" / f"c{c}"
         d.mkdir(parents=True)
-        for i in range(48):
+        for i in range(pick(48, 4)):
             Image.fromarray((rng.random((256, 320, 3)) * 255).astype("uint8")).save(d / f"{i}.jpg", quality=90)
     return root
 
@@ -137,7 +146,7 @@ def test_data_path(benchmark, jpeg_folder, workers):
 
     tf = create_transform(input_size=(3, 224, 224), is_training=True)
     ds = image_folder(jpeg_folder, "train", tf, "RGB")
-    B, n_batches = 32, 18  # enough batches that worker start-up (part of a real epoch too) is not all of it
+    B, n_batches = pick((32, 18), (8, 2))  # enough batches that worker start-up (part of an epoch too) is not all of it
 
     def epoch():
         for i, _ in enumerate(train_loader(ds, global_batch=B, seed=0, phase="prune", workers=workers,
@@ -145,7 +154,7 @@ def test_data_path(benchmark, jpeg_folder, workers):
             pass
 
     epoch()  # warm the page cache
-    t = min(_min_interleaved([epoch], 2))
+    t = min(_min_interleaved([epoch], pick(2, 1)))
     _DATA_RATE[workers] = B * n_batches / t
     benchmark.extra_info.update(workers=workers, batch=B, images_per_s=round(_DATA_RATE[workers], 1),
                                 loadavg=round(os.getloadavg()[0], 2), cores=os.cpu_count())
