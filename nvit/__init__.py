@@ -9,7 +9,7 @@ from . import timm_family  # noqa: F401  (timm.create_model("nvit" / "local-dir:
 
 _EXPORTS = {
     "load": "io", "save": "io",
-    "BlockConfig": "model", "NViT": "model", "NViTConfig": "model",
+    "BlockConfig": "model", "NViT": "model", "NViTConfig": "model", "set_drop_path": "model",
     "NViTSwin": "model_swin", "NViTSwinConfig": "model_swin",
     "Pruner": "pruner", "Target": "pruner", "TargetUnreachableError": "pruner",
     "Masks": "structures", "UnsupportedModelError": "structures", "Adapter": "structures",
