@@ -92,6 +92,16 @@ def start_processes(device: str) -> Processes:
     return Processes(rank=rank, world=world, local_rank=local, device=dev)
 
 
+def kill_point(s: dict, point: str, it: int | None = None) -> None:
+    """Fault injection (the hidden --kill-at): end this process at once where a kill -9 could land --
+    no cleanup, no flush, files as they are -- so tests can check that --resume recovers exactly."""
+    want = s.get("kill_at")
+    if want:
+        name, _, n = want.partition(":")
+        if name == point and (not n or it == int(n)):
+            os._exit(137)
+
+
 def stop_processes(p: Processes) -> None:
     if p.distributed and dist.is_initialized():
         dist.destroy_process_group()
@@ -275,11 +285,24 @@ def distillation_loss(student, teacher, target: torch.Tensor, *, temperature: fl
 # --------------------------------------------------------------------------------------------------
 # Checkpoints and agreement
 # --------------------------------------------------------------------------------------------------
+class WriteFailed(RuntimeError):
+    """A file of the run could not be written (disk full, …); the file it replaces is intact."""
+
+
 def save_checkpoint(state: dict, path: Path, p: Processes) -> None:
-    """Rank 0 writes (atomically: temp file + rename); every rank waits for it."""
+    """Rank 0 writes (atomically: temp file + rename); every rank waits for it, and every rank stops
+    with a WriteFailed if the write failed (the previous file stays whole)."""
+    error = None
     if p.main:
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-    p.barrier()
+        try:
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+        except OSError as e:
+            error = e
+    failed = p.sum([float(error is not None)])[0] > 0 if p.distributed else error is not None
+    if failed:
+        why = f"{error.strerror or error}" if error is not None else "see rank 0"
+        raise WriteFailed(f"could not write {path} ({why}); the previous {path.name} is intact: free the space "
+                          f"and continue with --resume {path.parent if path.name == 'checkpoint.pt' else path.parent.parent}")
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

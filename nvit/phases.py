@@ -326,6 +326,7 @@ class Run:
             table = LatencyTable.measure(grid, tokens=cfg.num_tokens, batch_size=s["latency_batch"],
                                          device=self.device, progress=s["progress"],
                                          dtype=self.precision.tensor_dtype).monotonized()
+            engine.kill_point(s, "latency")
             atomic_write_json(self.table_path, table.to_dict())
         self.table = self.p.broadcast_object(table)
         self.timings["latency_table_s"] = round(time.time() - t0, 2)
@@ -365,6 +366,7 @@ class Run:
             self.precision.step(opt, finite)
             pruner.apply_masks()
             it += 1
+            engine.kill_point(s, "prune", it)
             bar.update(1)
             bar.set_postfix(loss=f"{self.book['loss_avg']:.3f}", frac=f"{pruner.fraction():.3f}" if it % 10 == 0 else None)
             pruned_now = False
@@ -429,6 +431,7 @@ class Run:
         snap = {"target": target, "nvit_config": nv.config.to_dict(), "model": nv.state_dict(),
                 "pruning": pruning_record(pruner, top1)}
         engine.save_checkpoint(snap, snapshot_path(self.out, target), self.p)
+        engine.kill_point(self.s, "snapshot")
 
     # ---- phase 1, one-shot: prune the trained model as it is ----------------------------------------
     def one_shot_phase(self):
@@ -481,6 +484,7 @@ class Run:
             if fraction in earlier:
                 raw.zero_grad(set_to_none=True)
                 self.save_snapshot(fraction, pruner, 0)
+            engine.kill_point(s, "prune", k)
         bar.close()
         pruner.target = final
         if not pruner.done:  # prune_step stops only at the target (exactly counted) or at the guards
@@ -550,6 +554,7 @@ class Run:
             finite = self.after_backward(opt, it)
             self.precision.step(opt, finite)
             sched.step()
+            engine.kill_point(s, "finetune", it + 1)
             bar.update(1)
             bar.set_postfix(loss=f"{self.book['loss_avg']:.3f}")
             if (it + 1) % s["checkpoint_every"] == 0 and it + 1 < total:
@@ -573,12 +578,12 @@ MAX_CONSECUTIVE_SKIPS = 50
 def pruning_record(pruner, top1: float) -> dict:
     """What a pruned model keeps of its pruning: masks, history, the dense config, its top-1 before
     fine-tuning, and how it met its target (the exact fraction and the tolerance: the cost of the last
-    group removed, see Pruner.prune_step)."""
-    last = pruner.history[-1] if pruner.history else {}
+    group removed, see Pruner.prune_step: a step that removed nothing leaves the one before it in charge)."""
+    costs = [h["last_group_cost"] for h in pruner.history if h.get("last_group_cost") is not None]
     return {"masks": pruner.masks.state_dict(), "history": list(pruner.history),
             "dense_config": pruner.dense_config.to_dict(), "masked_top1": top1,
             "metric": pruner.target.metric, "fraction": pruner.fraction(),
-            "tolerance": float(last.get("last_group_cost", 0.0))}
+            "tolerance": float(costs[-1]) if costs else 0.0}
 
 
 def load_state_file(path: Path, what: str) -> dict:

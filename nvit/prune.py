@@ -55,8 +55,8 @@ def prepare_out_dir(s: dict, p: engine.Processes) -> Path:
 
                 remove_resume_state(out)
             raise RunComplete(f"{out} holds a complete run (report.json); nothing to resume")
-        if not (out / "checkpoint.pt").is_file():
-            raise RunError(f"--resume {out}: no checkpoint.pt there (nothing to resume)")
+        if not (out / "run.json").is_file():
+            raise RunError(f"--resume {out}: no nvit run there (no run.json)")
         return out
     out = Path(s["out"] or f"runs/nvit-{time.strftime('%Y%m%d-%H%M%S')}")
     if s["out"] is None:
@@ -114,7 +114,7 @@ def run(s: dict, p: engine.Processes | None = None) -> dict | None:
         torch.set_num_threads(int(s["threads"]))
     torch.manual_seed(s["seed"])
     ck = None
-    if s["resume"]:
+    if s["resume"] and (out / "checkpoint.pt").is_file():  # else stopped before its first one: from the start
         from .phases import load_state_file
 
         ck = load_state_file(out / "checkpoint.pt", "the run's checkpoint")
@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         print(f"nvit.prune: error: {e}" if p is None or not p.distributed else f"nvit.prune [rank {p.rank}]: "
               f"error: {e}", file=sys.stderr)
+        return 2
+    except engine.WriteFailed as e:
+        print(f"nvit.prune: error: {e}", file=sys.stderr)
         return 2
     except engine.RanksDisagree as e:
         print(f"nvit.prune [rank {p.rank}]: error: {e}", file=sys.stderr)

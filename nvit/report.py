@@ -24,7 +24,7 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
     from .inputs import input_shape
     from .latency import device_name, measure_model_latency
 
-    from .engine import check_agreement
+    from .engine import check_agreement, kill_point as engine_kill_point
 
     s, out, dev = r.s, r.out, r.device
     for m in models:  # every rank must hold the same final models (promise: ranks agree)
@@ -74,6 +74,7 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
         record_preprocessing(m["model"], r.data_desc)
         nvio.save(m["model"], folder, overwrite=True)
     main = entries[-1]
+    engine_kill_point(s, "report")
     checks = promise_checks(r, models, entries, shape)
     table_check = latency_table_check(r, dense_cfg, models) if r.table is not None else None
     dev_desc = (f"{dev.type}: {device_name(dev)}, {torch.get_num_threads()} threads" if dev.type == "cpu"

@@ -185,10 +185,12 @@ FLAGS: tuple[Flag, ...] = (
     F("progress", True, "progress bars", "run"),
     F("checkpoint_every", 50, "iterations between checkpoints", "run", int, check=positive),
     F("stop_after", None, "stop as if interrupted after N iterations (tests)", "run", int, hidden=True),
+    F("kill_at", None, "end the process at once, as kill -9 would, at latency | prune:N | snapshot | finetune:N "
+      "| report (fault-injection tests)", "run", str, hidden=True),
 )
 DEFAULTS = {f.name: f.default for f in FLAGS}
 # Settings that may differ when resuming (all others come from the interrupted run's run.json).
-RESUME_OVERRIDES = ("resume", "stop_after", "progress", "workers", "threads")
+RESUME_OVERRIDES = ("resume", "stop_after", "kill_at", "progress", "workers", "threads")
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
