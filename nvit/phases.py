@@ -56,6 +56,10 @@ class Run:
         self.device = procs.device
         self.dense, self.provenance = load_dense_model(s)
         check_prunable(self.dense)  # before any data is read or any evaluation runs
+        if s["drop_path"] is not None:  # the student's, so both phases train the same regularised model
+            from .model import set_drop_path
+
+            set_drop_path(self.dense, s["drop_path"])
         self.dense.to(self.device)
         family = self.dense_grid[0].family
         if (s["target_metric"] == "latency" or s["eta"] > 0) and family != "vit":  # refused before any work

@@ -52,6 +52,10 @@ def unit_interval(v) -> str | None:
     return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
 
 
+def rate(v) -> str | None:
+    return None if 0.0 <= v < 1.0 else "must be in [0, 1)"
+
+
 @dataclass(frozen=True)
 class Flag:
     name: str                      # the settings key; the flag is --name-with-dashes
@@ -153,6 +157,9 @@ FLAGS: tuple[Flag, ...] = (
     F("temperature", 3.0, "distillation temperature", "schedule", float, check=greater_than_zero),
     F("distill_weight", 0.5, "weight of the KL term", "schedule", float, check=unit_interval),
     F("label_smoothing", 0.0, "label smoothing of the CE term", "schedule", float, check=unit_interval),
+    F("drop_path", None, "the student's drop-path (stochastic depth) rate while pruning and fine-tuning, with "
+      "timm's linear decay over the blocks (default: the model's own; converted models keep their source's)",
+      "schedule", float, check=rate),
     # augmentation and preprocessing
     F("augment", "auto", "train augmentation: timm's (random-resized-crop, flip, --aa, --reprob), pad-crop "
       "(pad --pad pixels, random crop, flip: for small images), none; auto: pad-crop for the embedded data, "
