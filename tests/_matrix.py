@@ -184,22 +184,12 @@ def local_dir(root: Path, family: str, data: str) -> Path:
     return folder
 
 
-def image_folder(root: Path, size: int = 32, classes: int = 3, train: int = 11, val: int = 4) -> Path:
-    """train/ and val/ of random RGB PNGs, a folder per class (made once per root)."""
-    import numpy as np
-    from PIL import Image
+def image_folder(root: Path) -> Path:
+    """train/ and val/ of random 32-px RGB PNGs, 3 classes (made once per root)."""
+    from test_prune_cli import _image_folder
 
     folder = root / "images"
-    if folder.is_dir():
-        return folder
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train), ("val", val)):
-        for c in range(classes):
-            d = folder / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(d / f"{i}.png")
-    return folder
+    return folder if folder.is_dir() else _image_folder(folder, size=32, classes=3, train=11)
 
 
 # ------------------------------------------------------------------------------------------------
