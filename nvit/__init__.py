@@ -11,7 +11,7 @@ _EXPORTS = {
     "load": "io", "save": "io",
     "BlockConfig": "model", "NViT": "model", "NViTConfig": "model", "set_drop_path": "model",
     "NViTSwin": "model_swin", "NViTSwinConfig": "model_swin",
-    "Pruner": "pruner", "Target": "pruner", "TargetUnreachableError": "pruner",
+    "Pruner": "pruner", "Target": "pruner", "TargetUnreachableError": "pruner", "NoSaliencyError": "pruner",
     "Masks": "structures", "UnsupportedModelError": "structures", "Adapter": "structures",
 }
 __all__ = sorted(_EXPORTS)
