@@ -73,126 +73,127 @@ class Flag:
         return "--" + self.name.replace("_", "-")
 
 
-F = Flag
 FLAGS: tuple[Flag, ...] = (
     # input: student, teacher, data
-    F("model", None, "timm model name (e.g. deit_small_patch16_224; needs --checkpoint) or local-dir:FOLDER "
+    Flag("model", None, "timm model name (e.g. deit_small_patch16_224; needs --checkpoint) or local-dir:FOLDER "
       "(timm's hub layout: config.json + model.safetensors or pytorch_model.bin)", "input", str),
-    F("checkpoint", None, "weights for --model NAME (.safetensors, or a torch state dict .pth/.pt)", "input", str),
-    F("nvit_model", None, "a saved NViT model folder to prune further", "input", str),
-    F("teacher", None, "distillation teacher: timm name (needs --teacher-checkpoint) or local-dir:FOLDER "
+    Flag("checkpoint", None, "weights for --model NAME (.safetensors, or a torch state dict .pth/.pt)", "input", str),
+    Flag("nvit_model", None, "a saved NViT model folder to prune further", "input", str),
+    Flag("teacher", None, "distillation teacher: timm name (needs --teacher-checkpoint) or local-dir:FOLDER "
       "(default: the dense model itself)", "input", str),
-    F("teacher_checkpoint", None, "weights for --teacher NAME", "input", str),
-    F("hard_teacher", None, "DeiT distilled students: a second teacher (e.g. a CNN) whose hard labels train the "
+    Flag("teacher_checkpoint", None, "weights for --teacher NAME", "input", str),
+    Flag("hard_teacher", None, "DeiT distilled students: a second teacher (e.g. a CNN) whose hard labels train the "
       "distillation head (the paper's Eq. 9); timm name or local-dir:FOLDER", "input", str),
-    F("hard_teacher_checkpoint", None, "weights for --hard-teacher NAME", "input", str),
-    F("distill_heads", "average", "DeiT distilled students: 'average' (one KL on the heads' mean) or 'separate' "
+    Flag("hard_teacher_checkpoint", None, "weights for --hard-teacher NAME", "input", str),
+    Flag("distill_heads", "average", "DeiT distilled students: 'average' (one KL on the heads' mean) or 'separate' "
       "(the paper's losses: KL per head, hard labels on the distillation head with --hard-teacher)", "input", str,
       ("average", "separate")),
-    F("data", None, "an image folder (train/ and val/ or test/ of class folders), or a dataset timm reads "
+    Flag("data", None, "an image folder (train/ and val/ or test/ of class folders), or a dataset timm reads "
       "(hfds/NAME, wds/NAME, …, with --data-root); default: the embedded Fashion-MNIST subset", "input", str),
-    F("data_root", None, "root/cache folder for hfds/… and wds/… datasets", "input", str),
-    F("embedded_data", None, "without --data: an embedded-format .npz (train_/test_images, train_/test_labels "
+    Flag("data_root", None, "root/cache folder for hfds/… and wds/… datasets", "input", str),
+    Flag("embedded_data", None, "without --data: an embedded-format .npz (train_/test_images, train_/test_labels "
       "uint8; scripts/make_fashion_subset.py writes one, e.g. with the whole Fashion-MNIST test split) instead of "
       "the shipped subset", "input", str),
-    F("train_split", "train", "split to train on (hfds/wds)", "input", str),
-    F("val_split", "validation", "split to evaluate on (hfds/wds)", "input", str),
-    F("img_size", None, "input size (default: the model's)", "input", int, check=positive),
-    F("in_chans", None, "1 (grayscale) or 3 (default: the model's)", "input", int, (1, 3)),
-    F("config", None, "YAML file of settings (keys: the flag names); flags override it", "input", str),
+    Flag("train_split", "train", "split to train on (hfds/wds)", "input", str),
+    Flag("val_split", "validation", "split to evaluate on (hfds/wds)", "input", str),
+    Flag("img_size", None, "input size (default: the model's)", "input", int, check=positive),
+    Flag("in_chans", None, "1 (grayscale) or 3 (default: the model's)", "input", int, (1, 3)),
+    Flag("config", None, "YAML file of settings (keys: the flag names); flags override it", "input", str),
     # output
-    F("out", None, "output folder (default: runs/nvit-<time>); must not hold another run", "output", str),
-    F("resume", None, "continue the interrupted run in this folder (same world size)", "output", str),
+    Flag("out", None, "output folder (default: runs/nvit-<time>); must not hold another run", "output", str),
+    Flag("resume", None, "continue the interrupted run in this folder (same world size)", "output", str),
     # target and ranking
-    F("target_metric", "auto", "what --target is a fraction of; auto: latency measured on this device (the "
+    Flag("target_metric", "auto", "what --target is a fraction of; auto: latency measured on this device (the "
       "paper's method) when its table takes at most --latency-budget seconds to measure or is cached, else FLOPs",
       "target and ranking", str, ("auto", "latency", "flops", "params")),
-    F("latency_budget", 60.0, "seconds a latency table may take to measure for --target-metric auto",
+    Flag("latency_budget", 60.0, "seconds a latency table may take to measure for --target-metric auto",
       "target and ranking", float, check=non_negative),
-    F("target", (0.4,), "fraction of the dense model's metric to reach; several, descending (0.6,0.45,0.3), give "
+    Flag("target", (0.4,), "fraction of the dense model's metric to reach; several, descending (0.6,0.45,0.3), give "
       "one model per target from one pruning run", "target and ranking", fraction_list, check=descending_fractions),
-    F("granularity", "aligned", "aligned (the paper: a block's heads share dims) or per-head", "target and ranking",
+    Flag("granularity", "aligned", "aligned (the paper: a block's heads share dims) or per-head", "target and ranking",
       str, ("aligned", "per-head")),
-    F("eta", 0.0, "latency-aware term η (measures a latency table when > 0)", "target and ranking", float,
+    Flag("eta", 0.0, "latency-aware term η (measures a latency table when > 0)", "target and ranking", float,
       check=non_negative),
-    F("normalize", "cost", "rank by saliency per cost saved, or raw", "target and ranking", str, ("cost", "none")),
-    F("criterion", "hessian", "structure score: Hessian saliency (NViT) or weight magnitude (baseline)",
+    Flag("normalize", "cost", "rank by saliency per cost saved, or raw", "target and ranking", str, ("cost", "none")),
+    Flag("criterion", "hessian", "structure score: Hessian saliency (NViT) or weight magnitude (baseline)",
       "target and ranking", str, ("hessian", "magnitude")),
-    F("allocation", "global", "one global ranking (NViT) or the same keep ratio in every block (baseline)",
+    Flag("allocation", "global", "one global ranking (NViT) or the same keep ratio in every block (baseline)",
       "target and ranking", str, ("global", "uniform")),
-    F("round_to", None, "keep every dim a multiple of N: N for all (embedding, QK, V, MLP) or per kind, e.g. "
+    Flag("round_to", None, "keep every dim a multiple of N: N for all (embedding, QK, V, MLP) or per kind, e.g. "
       "qk=8,v=8,mlp=16; sets those kinds' group sizes, so the ranking honours it", "target and ranking", str),
-    F("group_embed", 4, "embedding channels removed together", "target and ranking", int, check=positive),
-    F("group_heads", 1, "heads removed together", "target and ranking", int, check=positive),
-    F("group_qk", 2, "QK dims removed together", "target and ranking", int, check=positive),
-    F("group_v", 2, "V dims removed together", "target and ranking", int, check=positive),
-    F("group_mlp", 8, "MLP channels removed together", "target and ranking", int, check=positive),
-    F("ema_momentum", 0.9, "EMA of the saliency across prune steps", "target and ranking", float, check=unit_interval),
-    F("latency_points", 5, "latency table grid points per axis of heads, QK, V and MLP (the embedding has 3)",
+    Flag("group_embed", 4, "embedding channels removed together", "target and ranking", int, check=positive),
+    Flag("group_heads", 1, "heads removed together", "target and ranking", int, check=positive),
+    Flag("group_qk", 2, "QK dims removed together", "target and ranking", int, check=positive),
+    Flag("group_v", 2, "V dims removed together", "target and ranking", int, check=positive),
+    Flag("group_mlp", 8, "MLP channels removed together", "target and ranking", int, check=positive),
+    Flag("ema_momentum", 0.9, "EMA of the saliency across prune steps", "target and ranking", float,
+      check=unit_interval),
+    Flag("latency_points", 5, "latency table grid points per axis of heads, QK, V and MLP (the embedding has 3)",
       "target and ranking", int, check=positive),
-    F("prune_branches", False, "also rank each block's whole attention and MLP branch (layer skipping, as in UVC); "
+    Flag("prune_branches", False, "also rank each block's whole attention and MLP branch (layer skipping, as in UVC); "
       "a removed branch is absent from the converted model", "target and ranking"),
     # one-shot
-    F("one_shot", False, "prune without training before the cut: saliency from --calibration-batches batches, "
+    Flag("one_shot", False, "prune without training before the cut: saliency from --calibration-batches batches, "
       "re-estimated between --one-shot-steps steps towards the target; then convert and fine-tune "
       "(--finetune-epochs 0: none)", "one-shot"),
-    F("calibration_batches", 8, "batches of saliency per one-shot step", "one-shot", int, check=positive),
-    F("one_shot_steps", 4, "steps to reach the target in one-shot mode (geometric in the metric)", "one-shot",
+    Flag("calibration_batches", 8, "batches of saliency per one-shot step", "one-shot", int, check=positive),
+    Flag("one_shot_steps", 4, "steps to reach the target in one-shot mode (geometric in the metric)", "one-shot",
       int, check=positive),
     # schedule
-    F("prune_every", 10, "iterations between prune steps (K)", "schedule", int, check=positive),
-    F("prune_units", None, "units removed per prune step (N; default: sized so the target is met two thirds "
+    Flag("prune_every", 10, "iterations between prune steps (K)", "schedule", int, check=positive),
+    Flag("prune_units", None, "units removed per prune step (N; default: sized so the target is met two thirds "
       "into the pruning phase)", "schedule", int, check=positive),
-    F("prune_epochs", 1.5, "epochs of the pruning phase", "schedule", float, check=non_negative),
-    F("finetune_epochs", 2.5, "epochs of fine-tuning the converted model", "schedule", float, check=non_negative),
+    Flag("prune_epochs", 1.5, "epochs of the pruning phase", "schedule", float, check=non_negative),
+    Flag("finetune_epochs", 2.5, "epochs of fine-tuning the converted model", "schedule", float, check=non_negative),
     # 1e-4, not the fine-tuning's 5e-4: at a constant 5e-4 the trained model drifts while it is pruned and the
     # pruning phase ended below one-shot pruning (embedded default, FLOPs 0.4: masked 81.67 vs 81.93 %);
     # at 1e-4 it ends above (82.53 %) and the final model is better too (83.73 vs 83.27 %).
-    F("lr", 1e-4, "learning rate while pruning (constant)", "schedule", float, check=greater_than_zero),
-    F("finetune_lr", 5e-4, "peak learning rate of the fine-tuning (warmup + cosine)", "schedule", float,
+    Flag("lr", 1e-4, "learning rate while pruning (constant)", "schedule", float, check=greater_than_zero),
+    Flag("finetune_lr", 5e-4, "peak learning rate of the fine-tuning (warmup + cosine)", "schedule", float,
       check=greater_than_zero),
-    F("min_lr_ratio", 0.02, "final fine-tuning lr as a fraction of the peak", "schedule", float, check=unit_interval),
-    F("weight_decay", 0.05, "AdamW weight decay", "schedule", float, check=non_negative),
-    F("batch_size", 64, "global batch size (split evenly over the ranks)", "schedule", int, check=positive),
-    F("temperature", 3.0, "distillation temperature", "schedule", float, check=greater_than_zero),
-    F("distill_weight", 0.5, "weight of the KL term", "schedule", float, check=unit_interval),
-    F("label_smoothing", 0.0, "label smoothing of the CE term", "schedule", float, check=unit_interval),
-    F("drop_path", None, "the student's drop-path (stochastic depth) rate while pruning and fine-tuning, with "
+    Flag("min_lr_ratio", 0.02, "final fine-tuning lr as a fraction of the peak", "schedule", float,
+      check=unit_interval),
+    Flag("weight_decay", 0.05, "AdamW weight decay", "schedule", float, check=non_negative),
+    Flag("batch_size", 64, "global batch size (split evenly over the ranks)", "schedule", int, check=positive),
+    Flag("temperature", 3.0, "distillation temperature", "schedule", float, check=greater_than_zero),
+    Flag("distill_weight", 0.5, "weight of the KL term", "schedule", float, check=unit_interval),
+    Flag("label_smoothing", 0.0, "label smoothing of the CE term", "schedule", float, check=unit_interval),
+    Flag("drop_path", None, "the student's drop-path (stochastic depth) rate while pruning and fine-tuning, with "
       "timm's linear decay over the blocks (default: the model's own; converted models keep their source's)",
       "schedule", float, check=rate),
     # augmentation and preprocessing
-    F("augment", "auto", "train augmentation: timm's (random-resized-crop, flip, --aa, --reprob), pad-crop "
+    Flag("augment", "auto", "train augmentation: timm's (random-resized-crop, flip, --aa, --reprob), pad-crop "
       "(pad --pad pixels, random crop, flip: for small images), none; auto: pad-crop for the embedded data, "
       "timm otherwise", "augmentation", str, ("auto", "timm", "pad-crop", "none")),
-    F("pad", 2, "padding of pad-crop (0: no crop)", "augmentation", int, check=non_negative),
-    F("flip", True, "random horizontal flip in pad-crop", "augmentation"),
-    F("scale", (0.08, 1.0), "random-resized-crop area range (timm)", "augmentation", float, nargs=2),
-    F("ratio", (3 / 4, 4 / 3), "random-resized-crop aspect range (timm)", "augmentation", float, nargs=2),
-    F("hflip", 0.5, "horizontal flip probability (timm)", "augmentation", float, check=unit_interval),
-    F("aa", None, "AutoAugment policy (timm, e.g. rand-m9-mstd0.5-inc1)", "augmentation", str),
-    F("reprob", 0.0, "random erasing probability (timm)", "augmentation", float, check=unit_interval),
-    F("crop_pct", None, "eval center-crop fraction in (0, 1] (default: the model's pretrained config)",
+    Flag("pad", 2, "padding of pad-crop (0: no crop)", "augmentation", int, check=non_negative),
+    Flag("flip", True, "random horizontal flip in pad-crop", "augmentation"),
+    Flag("scale", (0.08, 1.0), "random-resized-crop area range (timm)", "augmentation", float, nargs=2),
+    Flag("ratio", (3 / 4, 4 / 3), "random-resized-crop aspect range (timm)", "augmentation", float, nargs=2),
+    Flag("hflip", 0.5, "horizontal flip probability (timm)", "augmentation", float, check=unit_interval),
+    Flag("aa", None, "AutoAugment policy (timm, e.g. rand-m9-mstd0.5-inc1)", "augmentation", str),
+    Flag("reprob", 0.0, "random erasing probability (timm)", "augmentation", float, check=unit_interval),
+    Flag("crop_pct", None, "eval center-crop fraction in (0, 1] (default: the model's pretrained config)",
       "augmentation", float),
-    F("interpolation", None, "resize interpolation (default: the model's pretrained config)", "augmentation", str),
-    F("mean", None, "normalisation mean per channel (default: the model's pretrained config)", "augmentation",
+    Flag("interpolation", None, "resize interpolation (default: the model's pretrained config)", "augmentation", str),
+    Flag("mean", None, "normalisation mean per channel (default: the model's pretrained config)", "augmentation",
       float, nargs="+"),
-    F("std", None, "normalisation std per channel (default: the model's pretrained config)", "augmentation",
+    Flag("std", None, "normalisation std per channel (default: the model's pretrained config)", "augmentation",
       float, nargs="+"),
     # run
-    F("device", "cpu", "cpu, cuda (under torchrun: each rank its LOCAL_RANK's GPU) or cuda:i", "run", str),
-    F("amp", "none", "mixed precision: autocast student and teacher (fp32 master weights; fp16 with a "
+    Flag("device", "cpu", "cpu, cuda (under torchrun: each rank its LOCAL_RANK's GPU) or cuda:i", "run", str),
+    Flag("amp", "none", "mixed precision: autocast student and teacher (fp32 master weights; fp16 with a "
       "GradScaler)", "run", str, ("none", "bf16", "fp16")),
-    F("workers", None, "DataLoader worker processes per rank (default: 0 for the embedded data, else "
+    Flag("workers", None, "DataLoader worker processes per rank (default: 0 for the embedded data, else "
       "min(8, cores per rank))", "run", int, check=non_negative),
-    F("latency_batch", 64, "batch size of the latency measurements", "run", int, check=positive),
-    F("eval_limit", None, "evaluate on the first N test images", "run", int, check=positive),
-    F("train_limit", None, "train on the first N images", "run", int, check=positive),
-    F("seed", 0, "seed of the data order, augmentation and initialisation", "run", int),
-    F("threads", None, "torch threads per process (default: torch's choice)", "run", int, check=positive),
-    F("progress", True, "progress bars", "run"),
-    F("checkpoint_every", 50, "iterations between checkpoints", "run", int, check=positive),
-    F("stop_after", None, "stop as if interrupted after N iterations (tests)", "run", int, hidden=True),
-    F("kill_at", None, "end the process at once, as kill -9 would, at latency | prune:N | snapshot | finetune:N "
+    Flag("latency_batch", 64, "batch size of the latency measurements", "run", int, check=positive),
+    Flag("eval_limit", None, "evaluate on the first N test images", "run", int, check=positive),
+    Flag("train_limit", None, "train on the first N images", "run", int, check=positive),
+    Flag("seed", 0, "seed of the data order, augmentation and initialisation", "run", int),
+    Flag("threads", None, "torch threads per process (default: torch's choice)", "run", int, check=positive),
+    Flag("progress", True, "progress bars", "run"),
+    Flag("checkpoint_every", 50, "iterations between checkpoints", "run", int, check=positive),
+    Flag("stop_after", None, "stop as if interrupted after N iterations (tests)", "run", int, hidden=True),
+    Flag("kill_at", None, "end the process at once, as kill -9 would, at latency | prune:N | snapshot | finetune:N "
       "| report (fault-injection tests)", "run", str, hidden=True),
 )
 DEFAULTS = {f.name: f.default for f in FLAGS}
