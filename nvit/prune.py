@@ -1,8 +1,10 @@
 """`python -m nvit.prune`: prune a Vision Transformer with NViT's global Hessian-aware method.
 
 With no arguments it runs the embedded default: the small DeiT-style timm ViT shipped with nvit,
-pretrained on the shipped Fashion-MNIST subset, pruned to 40 % of its FLOPs, fine-tuned, and
-reported (a couple of minutes on 2 CPU cores). With arguments it prunes your timm model on your images:
+pretrained on the shipped Fashion-MNIST subset, pruned to 40 % of its latency measured on this device
+(--target-metric auto, the default: latency when its table is cached or quick to measure, as in the
+paper, else FLOPs; the run says which), fine-tuned, and reported (a couple of minutes on 2 CPU cores).
+With arguments it prunes your timm model on your images:
 
     python -m nvit.prune --model deit_small_patch16_224 --checkpoint deit_s.safetensors \\
         --data /data/imagenet-subset --target-metric latency --target 0.5 --out runs/deit_s
