@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,6 +34,17 @@ from nvit.datasets import EMBEDDED_MEAN, EMBEDDED_PATH, EMBEDDED_STD, load_embed
 from nvit.loader import pad_crop_flip, train_loader
 from nvit.tiny_model import EMBEDDED_MODEL, build_model
 from nvit.training import evaluate, lr_lambda  # noqa: F401  (re-exported for callers)
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of a flag: stores into the new one's setting and warns (FutureWarning)."""
+
+    NEW = {"--limit-train": "--train-limit", "--limit-test": "--eval-limit"}
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warnings.warn(f"nvit.pretrain: {option_string} is deprecated; use {self.NEW[option_string]} (the spelling "
+                      f"of nvit.prune)", FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,8 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    ap.add_argument("--limit-train", type=int, default=None, help="use the first N train images (tests)")
-    ap.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images (tests)")
+    # The same spelling as `nvit.prune` (--train-limit, --eval-limit); the old one still works, with a warning.
+    ap.add_argument("--train-limit", type=int, default=None, help="train on the first N images (tests)")
+    ap.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images (tests)")
+    ap.add_argument("--limit-train", type=int, dest="train_limit", action=_Deprecated, help=argparse.SUPPRESS)
+    ap.add_argument("--limit-test", type=int, dest="eval_limit", action=_Deprecated, help=argparse.SUPPRESS)
     ap.add_argument("--embed-dim", type=int, default=None, help="model override (tests)")
     ap.add_argument("--depth", type=int, default=None, help="model override (tests)")
     ap.add_argument("--num-heads", type=int, default=None, help="model override (tests)")
@@ -91,8 +106,8 @@ def _run(args: argparse.Namespace, argv) -> dict:
 
     overrides = {k: v for k, v in (("embed_dim", args.embed_dim), ("depth", args.depth),
                                    ("num_heads", args.num_heads), ("mlp_ratio", args.mlp_ratio)) if v is not None}
-    train_ds = load_embedded("train", path=args.data, limit=args.limit_train)
-    test_ds = load_embedded("test", path=args.data, limit=args.limit_test)
+    train_ds = load_embedded("train", path=args.data, limit=args.train_limit)
+    test_ds = load_embedded("test", path=args.data, limit=args.eval_limit)
     if args.model_config is not None:
         config, build = _nvit_architecture(args, train_ds)
     else:

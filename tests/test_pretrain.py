@@ -11,7 +11,7 @@ from nvit.datasets import load_embedded
 from nvit.tiny_model import EMBEDDED_MODEL, WEIGHTS_PATH, build_model, create_embedded_model, load_weights
 
 TINY = dict(embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0)
-TINY_ARGS = ["--epochs", "1", "--limit-train", "48", "--limit-test", "40", "--batch-size", "16",
+TINY_ARGS = ["--epochs", "1", "--train-limit", "48", "--eval-limit", "40", "--batch-size", "16",
              "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--mlp-ratio", "2", "--threads", "1",
              "--warmup-epochs", "0.5", "--no-progress"]
 
@@ -126,3 +126,13 @@ def test_missing_and_corrupt_weights(tmp_path):
     assert m.training and m.patch_embed.num_patches == 49 and m.num_prefix_tokens == 1
     with pytest.raises(TypeError, match="embed_dimm"):
         build_model(embed_dimm=8)
+
+
+def test_old_limit_spelling_still_works_with_a_warning(tmp_path):
+    """--train-limit / --eval-limit as in nvit.prune; the old --limit-train / --limit-test are deprecated aliases."""
+    out = ["--out", str(tmp_path / "w.safetensors")]
+    new = pretrain.parse_args([*out, "--train-limit", "48", "--eval-limit", "40"])
+    assert (new.train_limit, new.eval_limit) == (48, 40)
+    with pytest.warns(FutureWarning, match="--limit-train is deprecated; use --train-limit"):
+        old = pretrain.parse_args([*out, "--limit-train", "48", "--limit-test", "40"])
+    assert (old.train_limit, old.eval_limit) == (48, 40)
