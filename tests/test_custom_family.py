@@ -14,6 +14,8 @@ from nvit import Pruner, Target
 from nvit.model import BlockConfig
 from nvit.spec import ATTN_BRANCH, EMBED, HEAD, MLP, MLP_BRANCH, QK, V, BlockDims, Dims, Family, Slice
 from nvit.structures import Adapter, KeptLayerNorm
+from _gates import (assert_saliency_equals_gate_derivatives, attn_out_gate, loss_with_hooks, make_gates,
+                    per_column, times, times_input)
 from _vit_factory import random_masks
 from _pruning import prune_until_done
 
@@ -159,56 +161,32 @@ def toy(seed=0) -> Toy:
     return m.double().eval()
 
 
+def _gated_loss(model, a, gates, x, y):
+    """Loss with the gates (_gates.make_gates) inserted by hooks: the embedding's on the embedding, each
+    LayerNorm and each branch's output; a branch's on its output; QK on q's output; head and V on o's
+    input; MLP on fc2's input."""
+    ge = gates["embed"][-1]
+    hooks = [model.embed.register_forward_hook(times(ge)), model.norm.register_forward_hook(times(ge))]
+    for b, (blk, bd) in enumerate(zip(model.blocks, a.dims.blocks)):
+        gb = gates[b]
+        hooks += [blk.norm1.register_forward_hook(times(ge)), blk.norm2.register_forward_hook(times(ge)),
+                  blk.o.register_forward_hook(times(ge * gb["attn_branch"])),
+                  blk.fc2.register_forward_hook(times(ge * gb["mlp_branch"])),
+                  blk.q.register_forward_hook(times(per_column(gb["qk"], bd.qk_units))),
+                  blk.o.register_forward_pre_hook(times_input(attn_out_gate(gb, bd.v_dims))),
+                  blk.fc2.register_forward_pre_hook(times_input(gb["mlp"]))]
+    return loss_with_hooks(model, hooks, x, y)
+
+
 def test_toy_saliency_equals_gate_derivatives():
     model = toy()
     a = Adapter(model, ToyFamily(model))
     pairs, units = a.saliency_maps("per-head", branches=True)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(4, TOKENS, FEATURES, generator=g, dtype=torch.float64), torch.randint(0, CLASSES, (4,), generator=g)
-    got = {}
-    for u in range(units.num_units):  # one explicit gate at a time, differentiated by autograd
-        k, b, h, i = (int(t[u]) for t in (units.kind, units.block, units.head, units.index))
-        gate = torch.ones((), dtype=torch.float64, requires_grad=True)
-        hooks = []
-        if k == EMBED:
-            def times(mod, inp, out, i=i):
-                return out * torch.where(torch.arange(out.shape[-1]) == i, gate, torch.ones((), dtype=out.dtype))
-            mods = [model.embed, model.norm] + [getattr(blk, n) for blk in model.blocks for n in ("norm1", "norm2", "o", "fc2")]
-            hooks = [m.register_forward_hook(times) for m in mods]
-        else:
-            blk, c = model.blocks[b], model.config.blocks[b]
-
-            def pre(off, n):  # gate input columns [off, off+n) of a module
-                def f(mod, args):
-                    x0 = args[0]
-                    sel = (torch.arange(x0.shape[-1]) >= off) & (torch.arange(x0.shape[-1]) < off + n)
-                    return (x0 * torch.where(sel, gate, torch.ones((), dtype=x0.dtype)),)
-                return f
-            if k == HEAD:
-                hooks = [blk.o.register_forward_pre_hook(pre(sum(c.v_dims[:i]), c.v_dims[i]))]
-            elif k == V:
-                hooks = [blk.o.register_forward_pre_hook(pre(sum(c.v_dims[:h]) + i, 1))]
-            elif k == MLP:
-                hooks = [blk.fc2.register_forward_pre_hook(pre(i, 1))]
-            elif k == QK:
-                col = sum(c.qk_dims[:h]) + i
-                hooks = [blk.q.register_forward_hook(
-                    lambda mod, inp, out, col=col: out * torch.where(torch.arange(out.shape[-1]) == col, gate, torch.ones((), dtype=out.dtype)))]
-            else:
-                hooks = [(blk.o if k == ATTN_BRANCH else blk.fc2).register_forward_hook(lambda mod, inp, out: out * gate)]
-        loss = F.cross_entropy(model(x), y)
-        for hk in hooks:
-            hk.remove()
-        got[u] = torch.autograd.grad(loss, gate)[0] ** 2
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    from nvit_kernels.saliency import saliency_reference
-
-    params = [p for p, _ in pairs]
-    scores = saliency_reference([p.detach() for p in params], [p.grad for p in params], [t for _, t in pairs],
-                                units.num_units)
-    expect = torch.stack([got[u] for u in range(units.num_units)])
-    assert torch.allclose(scores, expect, rtol=1e-6, atol=1e-12)
+    gates = make_gates(a.dims, "per-head")  # uneven heads: a head's gates are the first of its row
+    assert_saliency_equals_gate_derivatives(model, pairs, units, gates, _gated_loss(model, a, gates, x, y),
+                                            rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("gran", ["aligned", "per-head"])

@@ -6,15 +6,15 @@ import copy
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from nvit import Pruner, Target
 from nvit.cost import count_flops, count_params
 from nvit.io import load, save
-from nvit.spec import ATTN_BRANCH, EMBED, HEAD, MLP, MLP_BRANCH, QK, V, UnsupportedModelError
+from nvit.spec import UnsupportedModelError
 from nvit.structures import Adapter
-from nvit_kernels.saliency import saliency_reference
+from _gates import (assert_saliency_equals_gate_derivatives, attn_out_gate, loss_with_hooks, make_gates, times,
+                    times_input)
 from _vit_factory import random_masks
 from _pruning import prune_until_done
 
@@ -44,35 +44,21 @@ def tiny_eva(variant="eva02", *, embed_dim=24, depth=2, num_heads=3, img_size=28
     return m.to(dtype).eval()
 
 
-def _gated_loss(model, gran, gates, x, y, rotary):
-    ge = gates["embed"]
-    times = lambda g: (lambda mod, inp, out: out * g)  # noqa: E731
+def _gated_loss(model, a, gates, x, y):
+    """Loss with the gates (_gates.make_gates) inserted by hooks; a rotary model's QK unit is a rotated pair."""
+    ge = gates["embed"][-1]
     hooks = [model.norm_pre.register_forward_hook(times(ge)), model.fc_norm.register_forward_hook(times(ge))]
-    for b, blk in enumerate(model.blocks):
-        gb = gates[b]
-        H, d = blk.attn.num_heads, blk.attn.qkv.out_features // (3 * blk.attn.num_heads)
+    for b, (blk, bd) in enumerate(zip(model.blocks, a.dims.blocks)):
+        gb, H = gates[b], bd.heads
         hooks += [blk.norm1.register_forward_hook(times(ge)), blk.norm2.register_forward_hook(times(ge))]
         # drop_path1/2 see what the branch adds (after LayerScale): the embedding writes and the branch gate
         hooks += [blk.drop_path1.register_forward_hook(times(ge * gb["attn_branch"])),
                   blk.drop_path2.register_forward_hook(times(ge * gb["mlp_branch"]))]
-
-        def q_gate(mod, inp, out, gb=gb, H=H, d=d):  # q as [B, H, N, d], before the rotation
-            g = gb["qk"] if gran == "per-head" else gb["qk"].expand(H, -1)
-            if rotary:
-                g = g.repeat_interleave(2, dim=-1)  # a QK unit is a rotated pair
-            return out * g[None, :, None, :]
-
-        def proj_pre(mod, args, gb=gb, H=H, d=d):
-            gv = gb["v"].reshape(-1) if gran == "per-head" else gb["v"].repeat(H)
-            return (args[0] * gb["head"].repeat_interleave(d) * gv,)
-
-        hooks += [blk.attn.q_norm.register_forward_hook(q_gate), blk.attn.proj.register_forward_pre_hook(proj_pre),
-                  blk.mlp.fc2.register_forward_pre_hook(lambda mod, args, gb=gb: (args[0] * gb["mlp"],))]
-    try:
-        return F.cross_entropy(model(x), y)
-    finally:
-        for h in hooks:
-            h.remove()
+        gq = gb["qk"].expand(H, -1).repeat_interleave(a.qk_width, dim=-1)  # q as [B, H, N, d], before the rotation
+        hooks += [blk.attn.q_norm.register_forward_hook(times(gq[None, :, None, :])),
+                  blk.attn.proj.register_forward_pre_hook(times_input(attn_out_gate(gb, bd.v_dims))),
+                  blk.mlp.fc2.register_forward_pre_hook(times_input(gb["mlp"]))]
+    return loss_with_hooks(model, hooks, x, y)
 
 
 @pytest.mark.parametrize("variant", list(EVA_VARIANTS))
@@ -80,46 +66,11 @@ def _gated_loss(model, gran, gates, x, y, rotary):
 def test_eva_saliency_equals_gate_derivative(variant, gran):
     model = tiny_eva(variant, dtype=torch.float64)
     a = Adapter(model)
-    rotary = a.qk_width == 2
     pairs, units = a.saliency_maps(gran, branches=True)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(3, 3, 28, 28, generator=g, dtype=torch.float64), torch.randint(0, 5, (3,), generator=g)
-    gates = {"embed": torch.ones(model.embed_dim, dtype=torch.float64, requires_grad=True)}
-    for b, blk in enumerate(model.blocks):
-        H = blk.attn.num_heads
-        d = blk.attn.qkv.out_features // (3 * H)
-        nq = d // a.qk_width
-        M = blk.mlp.fc2.in_features
-        ones = lambda *s: torch.ones(s, dtype=torch.float64, requires_grad=True)  # noqa: E731
-        gates[b] = {"head": ones(H), "qk": ones(H, nq) if gran == "per-head" else ones(1, nq),
-                    "v": ones(H, d) if gran == "per-head" else ones(d), "mlp": ones(M),
-                    "attn_branch": ones(), "mlp_branch": ones()}
-    loss = _gated_loss(model, gran, gates, x, y, rotary)
-    model.zero_grad()
-    loss.backward()
-    params = [p for p, _ in pairs]
-    got = saliency_reference([p.detach() for p in params], [p.grad for p in params], [t for _, t in pairs],
-                             units.num_units)
-    expect = torch.zeros(units.num_units, dtype=torch.float64)
-    for u in range(units.num_units):
-        k, b, h, i = (int(t[u]) for t in (units.kind, units.block, units.head, units.index))
-        if k == EMBED:
-            expect[u] = gates["embed"].grad[i] ** 2
-            continue
-        gb = gates[b]
-        if k in (ATTN_BRANCH, MLP_BRANCH):
-            expect[u] = gb["attn_branch" if k == ATTN_BRANCH else "mlp_branch"].grad ** 2
-        elif k in (HEAD, MLP):
-            expect[u] = gb["head" if k == HEAD else "mlp"].grad[i] ** 2
-        elif k == QK:
-            expect[u] = gb["qk"].grad[max(h, 0), i] ** 2
-        else:
-            gg = gb["v"].grad
-            expect[u] = (gg[h, i] if h >= 0 else gg[i]) ** 2
-    scale = float(expect.abs().max())
-    assert torch.allclose(got, expect, rtol=1e-5, atol=1e-8 * scale)
-    for k in (EMBED, HEAD, QK, V, MLP, ATTN_BRANCH, MLP_BRANCH):
-        assert float(expect[units.kind == k].abs().sum()) > 0
+    gates = make_gates(a.dims, gran)
+    assert_saliency_equals_gate_derivatives(model, pairs, units, gates, _gated_loss(model, a, gates, x, y))
 
 
 @pytest.mark.parametrize("variant", list(EVA_VARIANTS))

@@ -13,9 +13,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nvit import Pruner, Target
 from nvit.model_swin import NViTSwin, NViTSwinConfig, count_flops, count_params
-from nvit.spec import ATTN_BRANCH, EMBED, HEAD, MLP, MLP_BRANCH, QK, V, Masks, UnsupportedModelError
+from nvit.spec import EMBED, Masks, UnsupportedModelError
 from nvit.structures import Adapter
 from nvit_kernels.saliency import saliency_reference
+from _gates import (assert_saliency_equals_gate_derivatives, attn_out_gate, loss_with_hooks, make_gates,
+                    per_column, times, times_input)
 from _vit_factory import random_masks
 from _pruning import prune_until_done
 
@@ -65,43 +67,34 @@ def _image(cfg, n=2, seed=0, dtype=torch.float32):
     return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def _gated_loss(model, gran, gates, x, y):
-    """Loss with gates inserted by hooks: gates["embed"][s] one gate per channel of stage s on every write
-    into its stream (patch_embed.norm / the merging reduction, each branch's output) and every read from
-    it (norm1, norm2, the next stage's merging norm at the channel's 4 positions, the final norm)."""
+def _gated_loss(model, a, gates, x, y):
+    """Loss with the gates (_gates.make_gates) inserted by hooks: gates["embed"][s] one gate per channel of
+    stage s on every write into its stream (patch_embed.norm / the merging reduction, each branch's output)
+    and every read from it (norm1, norm2, the next stage's merging norm at the channel's 4 positions, the
+    final norm)."""
     ge = gates["embed"]
-    times = lambda g: (lambda mod, inp, out: out * g)  # noqa: E731
     hooks = [model.patch_embed.norm.register_forward_hook(times(ge[0])),
-             model.norm.register_forward_hook(times(ge[-1]))]
-    b = 0
+             model.norm.register_forward_hook(times(ge[len(ge) - 1]))]
+    blocks = iter(enumerate(a.dims.blocks))
     for s, layer in enumerate(model.layers):
         if s > 0:
             hooks += [layer.downsample.norm.register_forward_hook(times(ge[s - 1].repeat(4))),
                       layer.downsample.reduction.register_forward_hook(times(ge[s]))]
         for blk in layer.blocks:
-            gb = gates[b]
-            a, H = blk.attn, blk.attn.num_heads
-            d = a.qkv.out_features // (3 * H)
+            b, bd = next(blocks)
+            gb, H = gates[b], bd.heads
+            d = blk.attn.qkv.out_features // (3 * H)
             hooks += [blk.norm1.register_forward_hook(times(ge[s])), blk.norm2.register_forward_hook(times(ge[s])),
                       blk.drop_path1.register_forward_hook(times(ge[s] * gb["attn_branch"])),
                       blk.drop_path2.register_forward_hook(times(ge[s] * gb["mlp_branch"]))]
 
-            def qkv_hook(mod, inp, out, gb=gb, H=H, d=d):  # timm's sections: [q of all heads | k | v]
-                gq = gb["qk"].reshape(-1) if gran == "per-head" else gb["qk"].repeat(H)
-                return torch.cat([out[..., : H * d] * gq, out[..., H * d:]], dim=-1)
+            def qkv_hook(mod, inp, out, gb=gb, H=H, d=d, widths=bd.qk_units):  # timm's [q of all heads | k | v]
+                return torch.cat([out[..., : H * d] * per_column(gb["qk"], widths), out[..., H * d:]], dim=-1)
 
-            def proj_pre(mod, args, gb=gb, H=H, d=d):
-                gv = gb["v"].reshape(-1) if gran == "per-head" else gb["v"].repeat(H)
-                return (args[0] * gb["head"].repeat_interleave(d) * gv,)
-
-            hooks += [a.qkv.register_forward_hook(qkv_hook), a.proj.register_forward_pre_hook(proj_pre),
-                      blk.mlp.fc2.register_forward_pre_hook(lambda mod, args, gb=gb: (args[0] * gb["mlp"],))]
-            b += 1
-    try:
-        return F.cross_entropy(model(x), y)
-    finally:
-        for h in hooks:
-            h.remove()
+            hooks += [blk.attn.qkv.register_forward_hook(qkv_hook),
+                      blk.attn.proj.register_forward_pre_hook(times_input(attn_out_gate(gb, bd.v_dims))),
+                      blk.mlp.fc2.register_forward_pre_hook(times_input(gb["mlp"]))]
+    return loss_with_hooks(model, hooks, x, y)
 
 
 @pytest.mark.parametrize("cfg", [ODD, RECT], ids=["odd", "rect"])
@@ -113,37 +106,8 @@ def test_swin_saliency_equals_gate_derivative(cfg, gran):
     assert a.family.name == "swin" and a.dims.embed == [8 * 2 ** s for s in range(S)]
     pairs, units = a.saliency_maps(gran, branches=True)
     x, y = _image(cfg, 3, dtype=torch.float64), torch.tensor([0, 3, 1])
-    ones = lambda *s: torch.ones(s, dtype=torch.float64, requires_grad=True)  # noqa: E731
-    gates = {"embed": [ones(w) for w in a.dims.embed]}
-    for b, bd in enumerate(a.dims.blocks):
-        H, d = bd.heads, bd.v_dims[0]
-        gates[b] = {"head": ones(H), "qk": ones(H, d) if gran == "per-head" else ones(d),
-                    "v": ones(H, d) if gran == "per-head" else ones(d), "mlp": ones(bd.mlp),
-                    "attn_branch": ones(), "mlp_branch": ones()}
-    loss = _gated_loss(model, gran, gates, x, y)
-    model.zero_grad()
-    loss.backward()
-    params = [p for p, _ in pairs]
-    got = saliency_reference([p.detach() for p in params], [p.grad for p in params], [t for _, t in pairs],
-                             units.num_units)
-    expect = torch.zeros(units.num_units, dtype=torch.float64)
-    for u in range(units.num_units):
-        k, b, h, i = (int(t[u]) for t in (units.kind, units.block, units.head, units.index))
-        if k == EMBED:  # an embedding unit's block is its stage
-            expect[u] = gates["embed"][b].grad[i] ** 2
-            continue
-        gb = gates[b]
-        if k in (ATTN_BRANCH, MLP_BRANCH):
-            expect[u] = gb["attn_branch" if k == ATTN_BRANCH else "mlp_branch"].grad ** 2
-        elif k in (HEAD, MLP):
-            expect[u] = gb["head" if k == HEAD else "mlp"].grad[i] ** 2
-        else:
-            gg = gb["qk" if k == QK else "v"].grad
-            expect[u] = (gg[h, i] if h >= 0 else gg[i]) ** 2
-    scale = float(expect.abs().max())
-    assert torch.allclose(got, expect, rtol=1e-5, atol=1e-8 * scale)
-    for k in (EMBED, HEAD, QK, V, MLP, ATTN_BRANCH, MLP_BRANCH):
-        assert float(expect[units.kind == k].abs().sum()) > 0
+    gates = make_gates(a.dims, gran)
+    expect = assert_saliency_equals_gate_derivatives(model, pairs, units, gates, _gated_loss(model, a, gates, x, y))
     for s in range(S):  # every stage's embedding is scored
         assert float(expect[(units.kind == EMBED) & (units.block == s)].abs().sum()) > 0
 
