@@ -2,7 +2,8 @@
 
 Head h of a block has ``qk_dims[h]`` query/key channels and ``v_dims[h]`` value channels. The fused
 qkv Linear writes, per token, the heads back to back and each head as ``[q_h | k_h | v_h]``; the
-output holds the heads' values back to back (``[B, N, sum(v_dims)]``), ready for the proj Linear.
+output holds the heads' values back to back (``[B, N, sum(v_dims)]``), ready for the proj Linear
+(:mod:`nvit_kernels.layout` defines this layout for the op, its kernels and the model).
 No stock kernel takes uneven heads: padding every head to the widest wastes FLOPs and a Python loop
 over heads drowns in launches, so one kernel call covers all heads of a block.
 
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import _native, dispatch
+from .layout import head_spans, qkv_width
 
 OP = "attention"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -58,9 +60,9 @@ def _check_lists(qk_dims: Sequence[int], v_dims: Sequence[int], scales: Sequence
 
 @functools.lru_cache(maxsize=1024)
 def _checked_width(qk_dims: tuple, v_dims: tuple, scales: tuple) -> int:
-    """sum(2*qk + v) of valid head lists (validated once per distinct lists: a model has a few)."""
+    """qkv's width for valid head lists (validated once per distinct lists: a model has a few)."""
     _check_lists(qk_dims, v_dims, scales)
-    return sum(2 * int(q) + int(v) for q, v in zip(qk_dims, v_dims))
+    return qkv_width(qk_dims, v_dims)
 
 
 def _check(qkv: Tensor, qk_dims: Sequence[int], v_dims: Sequence[int], scales: Sequence[float]) -> None:
@@ -68,7 +70,7 @@ def _check(qkv: Tensor, qk_dims: Sequence[int], v_dims: Sequence[int], scales: S
         width = _checked_width(tuple(qk_dims), tuple(v_dims), tuple(scales))
     except TypeError:  # unhashable entries: validate without the cache (it raises if they are bad)
         _check_lists(qk_dims, v_dims, scales)
-        width = sum(2 * int(q) + int(v) for q, v in zip(qk_dims, v_dims))
+        width = qkv_width(qk_dims, v_dims)
     if not isinstance(qkv, Tensor):
         raise TypeError(f"nvit: uneven_attention: qkv must be a Tensor, got {type(qkv).__name__}")
     if qkv.dim() != 3:
@@ -118,25 +120,13 @@ def _refuse_mask_grad(mask: Tensor | None, grad_enabled: bool) -> None:
                          "returns no gradient for it; pass mask.detach() (or a buffer)")
 
 
-def _head_offsets(qk_dims: Sequence[int], v_dims: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Start column of each head in qkv, and of its values in the output."""
-    in_off, out_off, a, b = [], [], 0, 0
-    for q, v in zip(qk_dims, v_dims):
-        in_off.append(a)
-        out_off.append(b)
-        a += 2 * q + v
-        b += v
-    return in_off, out_off
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _head_qkv(qkv: Tensor, start: int, dq: int, dv: int, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v of the head whose columns start at `start`, in the accumulation dtype."""
-    return (qkv[..., start:start + dq].to(acc), qkv[..., start + dq:start + 2 * dq].to(acc),
-            qkv[..., start + 2 * dq:start + 2 * dq + dv].to(acc))
+def _head_qkv(qkv: Tensor, span, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v of the head at `span` (a :class:`~nvit_kernels.layout.HeadSpan`), in the accumulation dtype."""
+    return qkv[..., span.q].to(acc), qkv[..., span.k].to(acc), qkv[..., span.v].to(acc)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,28 +160,29 @@ def _softmax(x: Tensor, extras: bool) -> Tensor:
 
 def _reference_forward(qkv: Tensor, qk_dims, v_dims, scales, bias=None, mask=None) -> Tensor:
     acc = _acc_dtype(qkv.dtype)
-    in_off, _ = _head_offsets(qk_dims, v_dims)
+    spans = head_spans(qk_dims, v_dims)
     bias_a, mask_a = _additive(qkv, bias, mask, acc)
     extras = bias is not None or mask is not None
     outs = []
-    for h, (dq, dv, s) in enumerate(zip(qk_dims, v_dims, scales)):
-        q, k, v = _head_qkv(qkv, in_off[h], dq, dv, acc)
+    for h, s in enumerate(scales):
+        q, k, v = _head_qkv(qkv, spans[h], acc)
         p = _softmax(_logits(q, k, s, h, bias_a, mask_a), extras)
         outs.append((p @ v).to(qkv.dtype))
     return torch.cat(outs, dim=-1)
 
 
-def _reference_backward(grad_out: Tensor, qkv: Tensor, qk_dims, v_dims, scales, bias=None,
+def _reference_backward(grad_out: Tensor, qkv: Tensor, out: Tensor, qk_dims, v_dims, scales, bias=None,
                         mask=None) -> tuple[Tensor, Tensor | None]:
-    """(grad_qkv, grad_bias in the accumulation dtype or None without bias)."""
+    """(grad_qkv, grad_bias in the accumulation dtype or None without bias); recomputes the softmax, so
+    `out` (the forward's output, which the fused kernels read) goes unused."""
     acc = _acc_dtype(qkv.dtype)
-    in_off, out_off = _head_offsets(qk_dims, v_dims)
+    spans = head_spans(qk_dims, v_dims)
     bias_a, mask_a = _additive(qkv, bias, mask, acc)
     extras = bias is not None or mask is not None
     grads, gbias = [], []
-    for h, (dq, dv, s) in enumerate(zip(qk_dims, v_dims, scales)):
-        q, k, v = _head_qkv(qkv, in_off[h], dq, dv, acc)
-        do = grad_out[..., out_off[h]:out_off[h] + dv].to(acc)
+    for h, s in enumerate(scales):
+        q, k, v = _head_qkv(qkv, spans[h], acc)
+        do = grad_out[..., spans[h].out].to(acc)
         p = _softmax(_logits(q, k, s, h, bias_a, mask_a), extras)
         dv_ = p.transpose(-1, -2) @ do
         dp = do @ v.transpose(-1, -2)
@@ -203,22 +194,13 @@ def _reference_backward(grad_out: Tensor, qkv: Tensor, qk_dims, v_dims, scales, 
 
 
 # --------------------------------------------------------------------------------------------------
-# Backend dispatch. Each entry point names the backend it runs; none falls back silently.
+# Entry points: dispatch picks the backend, whose implementation comes from the tables below.
 # --------------------------------------------------------------------------------------------------
 def _forward_impl(qkv: Tensor, qk_dims, v_dims, scales, bias=None, mask=None) -> Tensor:
-    backend = dispatch.select(OP, qkv.device)
+    run = _FORWARD.select(qkv.device)
     if qkv.numel() == 0:  # B == 0 or N == 0: nothing to launch
         return qkv.new_zeros((qkv.shape[0], qkv.shape[1], sum(v_dims)))
-    if backend == "reference":
-        return _reference_forward(qkv, qk_dims, v_dims, scales, bias, mask)
-    if backend == "cpp":
-        return _cpp_forward(qkv, qk_dims, v_dims, scales, bias, mask)
-    if backend == "triton":
-        from . import triton_attention
-        return triton_attention.forward(qkv, qk_dims, v_dims, scales, bias=bias, mask=mask)
-    if backend == "cuda":
-        return _cuda_forward(qkv, qk_dims, v_dims, scales, bias, mask)
-    raise AssertionError(backend)
+    return run(qkv, qk_dims, v_dims, scales, bias, mask)
 
 
 def _backward_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, qk_dims, v_dims, scales, bias=None,
@@ -231,27 +213,28 @@ def _backward_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, qk_dims, v_dims, 
 
 
 def _backward_backend(grad_out, qkv, out, qk_dims, v_dims, scales, bias, mask):
-    backend = dispatch.select(OP, qkv.device)
+    run = _BACKWARD.select(qkv.device)
     if qkv.numel() == 0:
         return torch.zeros_like(qkv), (None if bias is None else torch.zeros(bias.shape, device=qkv.device))
-    qkv = qkv.contiguous()
-    if backend == "cpp":
-        return _cpp_backward(grad_out, qkv, out, qk_dims, v_dims, scales, bias, mask)
-    if backend == "triton":
-        from . import triton_attention
-        return triton_attention.backward(grad_out, qkv, out, qk_dims, v_dims, scales, bias=bias, mask=mask)
-    if backend == "cuda":
-        # The CUDA kernels cover the forward only; the backward of a CUDA-backend forward runs the fused
-        # Triton backward when Triton can run, else the reference (per-head matmuls). Explicit, not silent.
-        if dispatch.can_run("triton", qkv.device)[0]:
-            from . import triton_attention
-            return triton_attention.backward(grad_out, qkv, out, qk_dims, v_dims, scales, bias=bias, mask=mask)
-        dispatch._warn_once(OP + " backward", "cuda", "no CUDA backward kernel and Triton is unavailable",
-                            "reference")
-        return _reference_backward(grad_out, qkv, qk_dims, v_dims, scales, bias, mask)
-    return _reference_backward(grad_out, qkv, qk_dims, v_dims, scales, bias, mask)
+    return run(grad_out, qkv.contiguous(), out, qk_dims, v_dims, scales, bias, mask)
 
 
+# --------------------------------------------------------------------------------------------------
+# Triton backend (triton_attention imports triton: loaded when it first runs).
+# --------------------------------------------------------------------------------------------------
+def _triton_forward(qkv, qk_dims, v_dims, scales, bias=None, mask=None):
+    from . import triton_attention
+    return triton_attention.forward(qkv, qk_dims, v_dims, scales, bias=bias, mask=mask)
+
+
+def _triton_backward(grad_out, qkv, out, qk_dims, v_dims, scales, bias=None, mask=None):
+    from . import triton_attention
+    return triton_attention.backward(grad_out, qkv, out, qk_dims, v_dims, scales, bias=bias, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Native backends (the compiled extension: C++ for CPU tensors, CUDA forward).
+# --------------------------------------------------------------------------------------------------
 def _kernel_table(t: Tensor | None, qkv: Tensor) -> Tensor | None:
     """bias/mask as the native kernels read them: contiguous, fp32 (fp64 for fp64 qkv). [H|nW, N, N] is
     small next to the attention itself, so the copy (when one is needed at all) costs little."""
@@ -272,7 +255,7 @@ def _cpp_forward(qkv, qk_dims, v_dims, scales, bias=None, mask=None):
     extras = bias is not None or mask is not None
     if not _cpp_has_attention(extras):
         why = "the built extension has no attention kernels" + (" taking bias/mask" if extras else "")
-        dispatch._warn_once(OP, "cpp", why + "; rebuild it", "reference")
+        dispatch.warn_fallback(OP, "cpp", why + "; rebuild it", "reference")
         return _reference_forward(qkv, qk_dims, v_dims, scales, bias, mask)
     bias_t, mask_t = _kernel_table(bias, qkv), _kernel_table(mask, qkv)
     out = qkv.new_empty((qkv.shape[0], qkv.shape[1], sum(v_dims)))
@@ -289,8 +272,8 @@ def _cpp_backward(grad_out, qkv, out, qk_dims, v_dims, scales, bias=None, mask=N
     extras = bias is not None or mask is not None
     if not _cpp_has_attention(extras):
         why = "the built extension has no attention kernels" + (" taking bias/mask" if extras else "")
-        dispatch._warn_once(OP, "cpp", why + "; rebuild it", "reference")
-        return _reference_backward(grad_out, qkv, qk_dims, v_dims, scales, bias, mask)
+        dispatch.warn_fallback(OP, "cpp", why + "; rebuild it", "reference")
+        return _reference_backward(grad_out, qkv, out, qk_dims, v_dims, scales, bias, mask)
     grad_out = grad_out.to(qkv.dtype).contiguous()
     out = out.contiguous()
     grad_qkv = torch.empty_like(qkv)
@@ -329,6 +312,24 @@ def _cuda_forward(qkv, qk_dims, v_dims, scales, bias=None, mask=None):
     else:
         C.uneven_attention_forward_cuda(*args)
     return out
+
+
+def _cuda_backward(grad_out, qkv, out, qk_dims, v_dims, scales, bias=None, mask=None):
+    """The CUDA kernels cover the forward only: the backward of a CUDA-backend forward runs the fused
+    Triton backward when Triton can run, else the reference (per-head matmuls). Explicit, not silent."""
+    if dispatch.can_run("triton", qkv.device)[0]:
+        return _triton_backward(grad_out, qkv, out, qk_dims, v_dims, scales, bias, mask)
+    dispatch.warn_fallback(OP + " backward", "cuda", "no CUDA backward kernel and Triton is unavailable",
+                           "reference")
+    return _reference_backward(grad_out, qkv, out, qk_dims, v_dims, scales, bias, mask)
+
+
+# One implementation per backend: forward (qkv, qk_dims, v_dims, scales, bias, mask) -> out, backward
+# (grad_out, qkv, out, qk_dims, v_dims, scales, bias, mask) -> (grad_qkv, grad_bias or None).
+_FORWARD = dispatch.Backends(OP, reference=_reference_forward, cpp=_cpp_forward, triton=_triton_forward,
+                             cuda=_cuda_forward)
+_BACKWARD = dispatch.Backends(OP, reference=_reference_backward, cpp=_cpp_backward, triton=_triton_backward,
+                              cuda=_cuda_backward)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,9 +472,9 @@ def uneven_attention_reference(qkv: Tensor, qk_dims: Sequence[int], v_dims: Sequ
     x = qkv.to(torch.float64)
     bias64, mask64 = _additive(qkv, bias, mask, torch.float64)
     extras = bias is not None or mask is not None
-    in_off, _ = _head_offsets(qk_dims, v_dims)
+    spans = head_spans(qk_dims, v_dims)
     outs = []
-    for h, (dq, dv, s) in enumerate(zip(qk_dims, v_dims, scales)):
-        q, k, v = _head_qkv(x, in_off[h], dq, dv, torch.float64)
+    for h, s in enumerate(scales):
+        q, k, v = _head_qkv(x, spans[h], torch.float64)
         outs.append(_softmax(_logits(q, k, float(s), h, bias64, mask64), extras) @ v)
     return torch.cat(outs, dim=-1)

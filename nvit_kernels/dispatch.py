@@ -7,6 +7,11 @@ unless the preferred backend is the compiled extension and that extension exists
 loaded (see ``_native``): then selecting raises, unless ``NVIT_ALLOW_REFERENCE=1``.
 Tests and benchmarks force a backend with :func:`use_backend`; :func:`used` tells which backends
 the automatic choice ran the ops on (what a run reports).
+
+Each op holds a :class:`Backends` table, one implementation per backend of :data:`BACKENDS`
+(``table.select(device)`` returns the chosen one), so adding a backend is one entry per op's table and
+the ops never re-dispatch by name. An implementation that cannot do its work after all (an extension
+built without that kernel) runs another and says so with :func:`warn_fallback`.
 """
 from __future__ import annotations
 
@@ -107,7 +112,9 @@ def can_run(backend: str, device: torch.device) -> tuple[bool, str]:
     raise ValueError(f"nvit: unknown backend {backend!r}")
 
 
-def _warn_once(op: str, wanted: str, why: str, chosen: str) -> None:
+def warn_fallback(op: str, wanted: str, why: str, chosen: str) -> None:
+    """Say (a RuntimeWarning, once per (op, chosen) pair) that `op` runs the `chosen` backend because
+    the `wanted` one cannot run it, and why."""
     if (op, chosen) in _warned:
         return
     _warned.add((op, chosen))
@@ -153,7 +160,7 @@ def select(op: str, device: torch.device) -> str:
     choice is recorded for :func:`used`."""
     b, why = _choose(op, device)
     if why:
-        _warn_once(op, preference(device)[0], why, b)
+        warn_fallback(op, preference(device)[0], why, b)
     if getattr(_state, "forced", None) is None:  # a backend forced by use_backend() is a test's choice
         _used.setdefault(op, {}).setdefault(device.type, set()).add(b)
     return b
@@ -162,3 +169,24 @@ def select(op: str, device: torch.device) -> str:
 def used() -> dict[str, dict[str, list[str]]]:
     """{op: {device type: [backends]}} the automatic choice selected in this process so far."""
     return {op: {d: sorted(bs) for d, bs in per_dev.items()} for op, per_dev in _used.items()}
+
+
+class Backends:
+    """One op's implementation per backend: ``Backends("attention", reference=f, cpp=g, triton=h,
+    cuda=i)``. Every backend of :data:`BACKENDS` needs an entry (the implementations share one
+    signature); :meth:`select` returns the one :func:`select` chooses for the device."""
+
+    def __init__(self, op: str, **impls):
+        missing, unknown = set(BACKENDS) - impls.keys(), impls.keys() - set(BACKENDS)
+        if missing or unknown:
+            raise ValueError(f"nvit: {op}: the backend table needs exactly {BACKENDS}; "
+                             f"missing {sorted(missing)}, unknown {sorted(unknown)}")
+        self.op = op
+        self.impls = dict(impls)
+
+    def select(self, device: torch.device):
+        """The implementation of the backend that runs the op for tensors on `device` now (see :func:`select`)."""
+        return self.impls[select(self.op, device)]
+
+    def __repr__(self) -> str:
+        return f"Backends({self.op!r}, {', '.join(self.impls)})"

@@ -25,14 +25,13 @@ import torch
 from torch import Tensor
 
 from . import _native, dispatch
+# The plan table's layout (mirrors csrc/saliency.h); re-exported here, where the plan is built.
+from .layout import (COL_LINE_OFF, COL_PART_OFF, COLS, DTYPE, G_CSR_IDX_OFF, G_CSR_PTR_OFF,  # noqa: F401
+                     G_ENTRIES, G_LINE_TAB_OFF, G_LINES, G_PARTIALS, G_PTR, G_TENSORS, G_TILE_COLS, G_TILE_ROWS,
+                     G_TILES, G_UNITS, G_VEC_TILE, G_VERSION, LAYOUT_VERSION, MAP_OFF, N_COL_MAPS, N_COL_TILES,
+                     N_ROW_MAPS, N_ROW_TILES, NUM_COLS, NUMEL, ROW_LINE_OFF, ROW_PART_OFF, ROWS, TILE0, TILE_COLS,
+                     TILE_ROWS, VEC_TILE, W_PTR)
 
-# Plan layout; mirrors csrc/saliency.h (keep in sync).
-(W_PTR, G_PTR, DTYPE, ROWS, COLS, N_ROW_MAPS, N_COL_MAPS, MAP_OFF, TILE0, N_ROW_TILES, N_COL_TILES,
- ROW_PART_OFF, COL_PART_OFF, ROW_LINE_OFF, COL_LINE_OFF, NUMEL, NUM_COLS) = range(17)
-(G_UNITS, G_TENSORS, G_TILES, G_PARTIALS, G_LINES, G_LINE_TAB_OFF, G_CSR_PTR_OFF, G_CSR_IDX_OFF,
- G_ENTRIES, G_VERSION, G_TILE_ROWS, G_TILE_COLS, G_VEC_TILE) = range(13)
-LAYOUT_VERSION = 1
-TILE_ROWS, TILE_COLS, VEC_TILE = 32, 256, 4096  # GPU tiles (CUDA and Triton share the partial layout)
 _INT32_MAX = 2**31 - 1
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -257,7 +256,8 @@ def _fill_table(meta: Tensor, weights, grads) -> Tensor:
     return table
 
 
-def _run_cpp(weights, grads, meta, index, scores) -> None:
+def _run_cpp(weights, grads, meta, index, scores, deterministic: bool) -> None:
+    # The CPU kernel sums in a fixed order: deterministic either way.
     table = _fill_table(meta, weights, grads)
     _native._C.saliency_accumulate_cpu(table.data_ptr(), len(weights), index.data_ptr(), scores.data_ptr())
 
@@ -349,9 +349,13 @@ def _run_reference(weights, grads, meta, index, scores, deterministic: bool) -> 
 
 
 def _run_triton(weights, grads, meta, index, scores, deterministic: bool) -> None:
-    from . import triton_saliency
+    from . import triton_saliency  # imports triton: loaded when the Triton backend first runs
 
-    triton_saliency.accumulate(weights, grads, meta, index, scores, deterministic)
+    triton_saliency.accumulate(_fill_table(meta, weights, grads), meta, index, scores, deterministic)
+
+
+# One implementation per backend, each (weights, grads, meta, index, scores, deterministic) -> None.
+_RUN = dispatch.Backends("saliency", cpp=_run_cpp, cuda=_run_cuda, triton=_run_triton, reference=_run_reference)
 
 
 # --------------------------------------------------------------------------------------- the op
@@ -364,15 +368,7 @@ def _saliency_op(weights: list[Tensor], grads: list[Tensor], meta: Tensor, index
                  deterministic: bool) -> None:
     numels, U = _plan_facts(meta)
     _check_inputs(weights, grads, numels, U, scores, index)
-    backend = dispatch.select("saliency", scores.device)
-    if backend == "cpp":
-        _run_cpp(weights, grads, meta, index, scores)
-    elif backend == "cuda":
-        _run_cuda(weights, grads, meta, index, scores, deterministic)
-    elif backend == "triton":
-        _run_triton(weights, grads, meta, index, scores, deterministic)
-    else:
-        _run_reference(weights, grads, meta, index, scores, deterministic)
+    _RUN.select(scores.device)(weights, grads, meta, index, scores, deterministic)
 
 
 @_saliency_op.register_fake

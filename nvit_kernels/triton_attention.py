@@ -1,11 +1,12 @@
 """Triton kernels for uneven per-head attention: one launch covers every head of a block.
 
-Per-head facts (start column in qkv and in the output, QK dim, V dim, scale, head index) live in small
-device tables; program (query tile, batch*head) reads its head's row. Head dims are padded only inside
-registers, to the next power of two of the widest head of the launch (``tl.arange`` needs powers of
-two), with masked loads/stores for the tail. With ``bucketed=True`` heads are grouped by their
-(pow2 QK, pow2 V) pair and each group gets its own launch, so a block mixing QK 8 and QK 64 heads
-does not pad the narrow ones to 64 (one launch per distinct pair, usually 1 to 3).
+Per-head facts (start column in qkv and in the output, as nvit_kernels.layout places them; QK dim, V
+dim, scale, head index) live in small device tables; program (query tile, batch*head) reads its head's
+row. Head dims are padded only inside registers, to the next power of two of the widest head of the
+launch (``tl.arange`` needs powers of two), with masked loads/stores for the tail. With
+``bucketed=True`` heads are grouped by their (pow2 QK, pow2 V) pair and each group gets its own
+launch, so a block mixing QK 8 and QK 64 heads does not pad the narrow ones to 64 (one launch per
+distinct pair, usually 1 to 3).
 
 Forward: flash-style online softmax over key tiles in fp32 (exp2 with log2(e) folded into the scale).
 Backward (flash-attention-2 style, three launches for all heads): per-row logsumexp and
@@ -28,13 +29,12 @@ fp32 inputs use IEEE fp32 dots (no TF32) so results match fp32 PyTorch matmul ac
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
-from .attention import _head_offsets
 from .dispatch import triton_interpreter
+from .layout import head_offsets
 
 LOG2E = 1.4426950408889634
 _GBIAS_SLOTS = 16
@@ -307,7 +307,7 @@ def _tables(heads, qk_dims, v_dims, scales, device):
         return hit
     if len(_TABLES) > 256:
         _TABLES.clear()
-    in_off, out_off = _head_offsets(qk_dims, v_dims)
+    in_off, out_off = head_offsets(qk_dims, v_dims)
     ints = torch.tensor([[in_off[h] for h in heads], [out_off[h] for h in heads], [qk_dims[h] for h in heads],
                          [v_dims[h] for h in heads], list(heads)], dtype=torch.int32).to(device)
     sc = torch.tensor([scales[h] for h in heads], dtype=torch.float32).to(device)

@@ -5,7 +5,8 @@ its tensor by binary search over the plan table's first-tile column, casts that 
 pointers to typed pointers and reduces a 32 x 256 tile (vectors: 1 x 4096) to row and column sums
 in fp32. Fast mode atomically adds them into unit sums (then scores += sums²); deterministic mode
 writes them to fixed partial slots, sums each line in tile order and gathers each unit's lines in
-CSR order (the partial layout is the same as the CUDA kernel's; csrc/saliency.h).
+CSR order (the partial layout is the same as the CUDA kernel's; csrc/saliency.h, mirrored by
+nvit_kernels.layout, whose column numbers the kernels read as constexprs).
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests; no bf16 there).
 """
@@ -15,9 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
-from . import saliency as S
+from . import layout
 
-_NC = S.NUM_COLS
+_NC = layout.NUM_COLS
+# Plan-table columns the tile kernel reads (a Triton kernel sees module globals only as constexprs).
+_W_PTR, _G_PTR, _DTYPE = tl.constexpr(layout.W_PTR), tl.constexpr(layout.G_PTR), tl.constexpr(layout.DTYPE)
+_ROWS, _COLS, _MAP_OFF = tl.constexpr(layout.ROWS), tl.constexpr(layout.COLS), tl.constexpr(layout.MAP_OFF)
+_N_ROW_MAPS, _N_COL_MAPS = tl.constexpr(layout.N_ROW_MAPS), tl.constexpr(layout.N_COL_MAPS)
+_TILE0, _N_COL_TILES = tl.constexpr(layout.TILE0), tl.constexpr(layout.N_COL_TILES)
+_ROW_PART_OFF, _COL_PART_OFF = tl.constexpr(layout.ROW_PART_OFF), tl.constexpr(layout.COL_PART_OFF)
 
 
 @triton.jit
@@ -54,22 +61,22 @@ def _tiles_kernel(table, T, index, part, usum, U, NC: tl.constexpr, DET: tl.cons
     hi = lo + T
     while hi - lo > 1:  # last tensor whose first tile <= b (tensors without tiles are skipped)
         mid = (lo + hi) // 2
-        ok = tl.load(table + mid * NC + 8) <= b  # 8: TILE0
+        ok = tl.load(table + mid * NC + _TILE0) <= b
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid)
     m = table + lo * NC
-    w_addr = tl.load(m + 0)
-    g_addr = tl.load(m + 1)
-    dt = tl.load(m + 2)
-    R = tl.load(m + 3)
-    C = tl.load(m + 4)
-    nrm = tl.load(m + 5)
-    ncm = tl.load(m + 6)
-    map_off = tl.load(m + 7)
-    lt = b - tl.load(m + 8)
-    nct = tl.load(m + 10)
-    rp_off = tl.load(m + 11)
-    cp_off = tl.load(m + 12)
+    w_addr = tl.load(m + _W_PTR)
+    g_addr = tl.load(m + _G_PTR)
+    dt = tl.load(m + _DTYPE)
+    R = tl.load(m + _ROWS)
+    C = tl.load(m + _COLS)
+    nrm = tl.load(m + _N_ROW_MAPS)
+    ncm = tl.load(m + _N_COL_MAPS)
+    map_off = tl.load(m + _MAP_OFF)
+    lt = b - tl.load(m + _TILE0)
+    nct = tl.load(m + _N_COL_TILES)
+    rp_off = tl.load(m + _ROW_PART_OFF)
+    cp_off = tl.load(m + _COL_PART_OFF)
     rt = lt // nct
     ct = lt % nct
     # Names differ between the branches: compiled Triton merges same-named values of an if/else,
@@ -126,31 +133,31 @@ def _units_kernel(ptr, idx, lines, scores, U, BLOCK: tl.constexpr):
     tl.store(scores + u, sc + s * s, mask=mask)
 
 
-def accumulate(weights, grads, meta: torch.Tensor, index: torch.Tensor, scores: torch.Tensor,
+def accumulate(table: torch.Tensor, meta: torch.Tensor, index: torch.Tensor, scores: torch.Tensor,
                deterministic: bool) -> None:
-    """Inputs already validated by nvit_kernels.saliency; scores updated in place."""
+    """`table`: the plan table with this call's data pointers and dtype codes (nvit_kernels.saliency fills
+    it; the inputs are validated there); `meta`: the plan's own table. scores updated in place."""
     dev = scores.device
     g = meta[-1].tolist()
-    U, tiles, L = g[S.G_UNITS], g[S.G_TILES], g[S.G_LINES]
-    table = S._fill_table(meta, weights, grads)
+    U, tiles, nl = g[layout.G_UNITS], g[layout.G_TILES], g[layout.G_LINES]
     if dev.type != "cpu":
         table = table.to(dev, non_blocking=True)
-    T = len(weights)
+    T = table.shape[0] - 1
     if deterministic:
-        part = torch.empty(max(g[S.G_PARTIALS], 1), dtype=torch.float32, device=dev)
-        lines = torch.empty(max(L, 1), dtype=torch.float32, device=dev)
+        part = torch.empty(max(g[layout.G_PARTIALS], 1), dtype=torch.float32, device=dev)
+        lines = torch.empty(max(nl, 1), dtype=torch.float32, device=dev)
         if tiles:
-            _tiles_kernel[(tiles,)](table, T, index, part, part, U, NC=_NC, DET=True, TR=S.TILE_ROWS,
-                                    TC=S.TILE_COLS, VT=S.VEC_TILE, num_warps=8)
-        if L:
-            tab = index[g[S.G_LINE_TAB_OFF]:]
-            _lines_kernel[(triton.cdiv(L, 256),)](tab, part, lines, L, BLOCK=256, num_warps=4)
-        ptr = index[g[S.G_CSR_PTR_OFF]:]
-        idx = index[g[S.G_CSR_IDX_OFF]:]
+            _tiles_kernel[(tiles,)](table, T, index, part, part, U, NC=_NC, DET=True, TR=layout.TILE_ROWS,
+                                    TC=layout.TILE_COLS, VT=layout.VEC_TILE, num_warps=8)
+        if nl:
+            tab = index[g[layout.G_LINE_TAB_OFF]:]
+            _lines_kernel[(triton.cdiv(nl, 256),)](tab, part, lines, nl, BLOCK=256, num_warps=4)
+        ptr = index[g[layout.G_CSR_PTR_OFF]:]
+        idx = index[g[layout.G_CSR_IDX_OFF]:]
         _units_kernel[(triton.cdiv(U, 256),)](ptr, idx, lines, scores, U, BLOCK=256, num_warps=4)
     else:
         usum = torch.zeros(U, dtype=torch.float32, device=dev)
         if tiles:
-            _tiles_kernel[(tiles,)](table, T, index, usum, usum, U, NC=_NC, DET=False, TR=S.TILE_ROWS,
-                                    TC=S.TILE_COLS, VT=S.VEC_TILE, num_warps=8)
+            _tiles_kernel[(tiles,)](table, T, index, usum, usum, U, NC=_NC, DET=False, TR=layout.TILE_ROWS,
+                                    TC=layout.TILE_COLS, VT=layout.VEC_TILE, num_warps=8)
         scores.addcmul_(usum, usum)
