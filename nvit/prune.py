@@ -18,9 +18,11 @@ Phases: (1) prune while training with distillation from a frozen teacher (the de
 until the target is met; (2) convert to an NViT model (exact); (3) fine-tune it with the same
 distillation; (4) report. Settings can come from a YAML file (--config; keys are the flag names).
 
-Where things live: settings.py (every flag), inputs.py (models, teachers, data), loader.py (batches),
-engine.py (processes, precision, optimizer, evaluation, checkpoints), phases.py (the phases),
-report.py (what the run writes and prints).
+Where things live: settings.py (every flag), inputs.py (models, teachers, data), loader.py and
+streams.py (batches), engine.py (processes, precision, optimizer, evaluation, checkpoint files),
+phases.py (the run and its phases), training_loop.py (the one training loop), run_state.py (what a
+resume continues), metric_policy.py (the target metric and latency table), report.py (what the run
+writes and prints).
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ import torch
 
 from . import engine, settings
 from .io import atomic_write_json
-from .phases import SCHEMA_VERSION, Run, StopRequested
+from .phases import Run, one_shot_phase, prune_phase
+from .run_state import SCHEMA_VERSION, StopRequested, load_state_file, pruning_record, snapshot_path
 from .settings import RunError
 
 DEFAULTS = settings.DEFAULTS
@@ -117,8 +120,6 @@ def run(s: dict, p: engine.Processes | None = None) -> dict | None:
     torch.manual_seed(s["seed"])
     ck = None
     if s["resume"] and (out / "checkpoint.pt").is_file():  # else stopped before its first one: from the start
-        from .phases import load_state_file
-
         ck = load_state_file(out / "checkpoint.pt", "the run's checkpoint")
         if ck.get("schema") != SCHEMA_VERSION or "phase" not in ck:
             raise RunError(f"--resume {out}: checkpoint.pt is of another nvit version (schema {ck.get('schema')}, "
@@ -131,11 +132,9 @@ def run(s: dict, p: engine.Processes | None = None) -> dict | None:
     dense_top1 = r.evaluate(r.dense, progress=True)
     r.log(f"dense model: top-1 {dense_top1:.2f}% on {len(r.test_set)} test images")
 
-    from .phases import pruning_record, snapshot_path
-
     targets = s["target"]
     if ck is None or ck["phase"] == "prune":
-        masked, pruner = r.one_shot_phase() if s["one_shot"] else r.prune_phase(ck)
+        masked, pruner = one_shot_phase(r) if s["one_shot"] else prune_phase(r, ck)
         masked.eval()
         masked_top1 = r.evaluate(masked)
         nv = pruner.convert({"source": r.provenance})

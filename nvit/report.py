@@ -26,16 +26,14 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
 
     from .engine import check_agreement, kill_point as engine_kill_point
 
-    s, out, dev = r.s, r.out, r.device
+    s, out, dev = r.settings, r.out, r.device
     for m in models:  # every rank must hold the same final models (promise: ranks agree)
-        check_agreement(f"final model of target {m['target']:g}", m["model"].state_dict(), r.p)
-    if not r.p.main:
-        r.p.barrier()  # rank 0 measures and writes
+        check_agreement(f"final model of target {m['target']:g}", m["model"].state_dict(), r.procs)
+    if not r.procs.main:
+        r.procs.barrier()  # rank 0 measures and writes
         return None
-    from .families import family_of
-
     dense_cfg = nvio.config_from_dict(models[-1]["pruning"]["dense_config"])
-    widths = family_of(r.dense).embed_widths  # per stage (Swin), or the one embedding width
+    widths = r.family.embed_widths  # per stage (Swin), or the one embedding width
 
     def count_params(cfg):
         return nvio.count("params", cfg)
@@ -54,7 +52,7 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
     dense = {"params": count_params(dense_cfg), "flops": count_flops(dense_cfg), "latency_s": lat["dense"],
              "top1": dense_top1}
     metric = s["target_metric"]
-    dense_metric = target_metric_value(r, metric, dense_cfg)
+    dense_metric = r.metric_policy.value(metric, dense_cfg)
     several = len(models) > 1
     entries = []
     for m in models:
@@ -63,7 +61,7 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
         entries.append({
             "target": t, "params": count_params(cfg), "flops": count_flops(cfg), "latency_s": lat[t],
             "top1": m["top1"], "top1_before_finetune": m["pruning"]["masked_top1"], "folder": folder.name,
-            "achieved": {"metric": metric, "fraction": target_metric_value(r, metric, cfg) / dense_metric,
+            "achieved": {"metric": metric, "fraction": r.metric_policy.value(metric, cfg) / dense_metric,
                          "target": t, "tolerance": float(m["pruning"].get("tolerance", 0.0))},
             "ratios": {"params": dense["params"] / count_params(cfg), "flops": dense["flops"] / count_flops(cfg),
                        "speedup": lat["dense"] / lat[t]},
@@ -76,7 +74,8 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
     main = entries[-1]
     engine_kill_point(s, "report")
     checks = promise_checks(r, models, entries, shape)
-    table_check = latency_table_check(r, dense_cfg, models) if r.table is not None else None
+    policy = r.metric_policy
+    table_check = policy.table_check(r.dense, dense_cfg, models) if policy.table is not None else None
     dev_desc = (f"{dev.type}: {device_name(dev)}, {torch.get_num_threads()} threads" if dev.type == "cpu"
                 else device_name(dev))
     report = {
@@ -89,8 +88,8 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
                     .removeprefix("torch."), "statistic": "median"},
         "latency_table_check": table_check,
         "precision": {"amp": s["amp"], "master_weights": "float32"},
-        "processes": {"world_size": r.p.world, "backend": ("nccl" if dev.type == "cuda" else "gloo")
-                      if r.p.distributed else None, "workers_per_rank": r.workers,
+        "processes": {"world_size": r.procs.world, "backend": ("nccl" if dev.type == "cuda" else "gloo")
+                      if r.procs.distributed else None, "workers_per_rank": r.workers,
                       "global_batch": s["batch_size"]},
         "ratios": main["ratios"],
         "architecture": main["architecture"],
@@ -112,13 +111,13 @@ def finish(r, models: list[dict], *, dense_top1: float, t_start: float, kernels:
     failed = [f"{name}: {c['detail']}" for name, c in checks.items() if not c["ok"]]
     if failed:  # the resume state stays: nothing is lost, and the failure can be looked into
         atomic_write_json(out / "report.failed.json", report)
-        r.p.barrier()
+        r.procs.barrier()
         raise RunError("the run does not keep its promises (report.failed.json; resume state kept):\n  "
                        + "\n  ".join(failed))
     atomic_write_json(out / "report.json", report)  # the run is complete from here on
     remove_resume_state(out)
     print(summary_text(report, out))
-    r.p.barrier()
+    r.procs.barrier()
     return report
 
 
@@ -126,14 +125,6 @@ def remove_resume_state(out: Path) -> None:
     """The files only a resume reads (the checkpoint last: a run killed in between resumes as complete)."""
     shutil.rmtree(out / "snapshots", ignore_errors=True)
     (out / "checkpoint.pt").unlink(missing_ok=True)
-
-
-def target_metric_value(r, metric: str, cfg) -> float:
-    """The quantity --target is a fraction of, for a config: the latency table's prediction (what the
-    pruner ranked and stopped on), or the counted FLOPs / params."""
-    from . import io as nvio
-
-    return float(r.table.model_latency(cfg)) if metric == "latency" else float(nvio.count(metric, cfg))
 
 
 def promise_checks(r, models: list[dict], entries: list[dict], shape) -> dict:
@@ -160,21 +151,6 @@ def promise_checks(r, models: list[dict], entries: list[dict], shape) -> dict:
             "detail": f"reloaded: params {nvio.count('params', back.config)} / flops {nvio.count('flops', back.config)} "
                       f"(reported {e['params']} / {e['flops']}), outputs {err:.1e} of scale apart"}
     return checks
-
-
-def latency_table_check(r, dense_cfg: NViTConfig, models: list[dict]) -> dict:
-    """The latency table's prediction for the blocks of the dense and of each pruned model next to
-    the blocks' measured latency (same batch, tokens, dtype and device as the table)."""
-    from .latency import measure_blocks_latency
-
-    meta, out = r.table.meta, {}
-    for name, net, cfg in [("dense", r.dense, dense_cfg)] + [(f"target {m['target']:g}", m["model"], m["model"].config)
-                                                           for m in models]:
-        predicted = r.table.model_latency(cfg)
-        measured = measure_blocks_latency(net, tokens=meta["tokens"], batch_size=meta["batch_size"], device=r.device,
-                                          dtype=r.precision.tensor_dtype)
-        out[name] = {"predicted_s": predicted, "measured_s": measured, "error": predicted / measured - 1}
-    return out
 
 
 def record_preprocessing(nv, data_desc: dict) -> None:
