@@ -1,13 +1,17 @@
 """`python -m nvit.revit`: the paper's redistribution rule, the rule fitted to a pruning run, FLOPs
 scaling, and `nvit.pretrain --model-config` training what it writes."""
 import json
+import math
 
 import pytest
+from safetensors.torch import load_file
 
 import nvit
 from nvit.cost import count_flops
 from nvit.model import BlockConfig, NViT, NViTConfig
+from nvit.datasets import load_embedded
 from nvit.revit import fitted_rule, main, paper_rule, uniform_rule
+from nvit.training import evaluate
 
 
 def test_paper_rule_reproduces_the_reference_code():
@@ -61,10 +65,17 @@ def test_pretrain_trains_a_revit_config(tmp_path):
     assert main(list(map(str, ["--embed-dim", 32, "--depth", 4, "--img-size", 28, "--patch-size", 7, "--in-chans", 1,
                                "--num-classes", 10, "--flops", 2e6, "--out", cfg]))) == 0
     info = pretrain(["--model-config", str(cfg), "--out", str(tmp_path / "w.safetensors"), "--epochs", "1",
-                     "--limit-train", "64", "--limit-test", "32", "--batch-size", "16", "--no-progress"])
-    assert info["model"] == "nvit.NViT" and info["config"]["embed_dim"] == 32 and 0 <= info["test_top1"] <= 100
+                     "--train-limit", "64", "--eval-limit", "32", "--batch-size", "16", "--no-progress"])
+    assert info["model"] == "nvit.NViT" and info["config"] == json.loads(cfg.read_text())  # exactly what revit wrote
+    assert info["history"][0]["train_loss"] > 0 and math.isfinite(info["history"][0]["train_loss"])
+    # The weights it writes are that architecture's, and give the test top-1 it records (on the same images).
+    model = NViT(NViTConfig.from_dict(info["config"]))
+    assert info["params"] == sum(p.numel() for p in model.parameters())
+    model.load_state_dict({k: v.float() for k, v in load_file(str(tmp_path / "w.safetensors")).items()})  # strict
+    assert evaluate(model, load_embedded("test", limit=32)) == pytest.approx(info["test_top1"], abs=0.005)
+    assert json.loads((tmp_path / "w.json").read_text())["test_top1"] == info["test_top1"]
     wrong = json.loads(cfg.read_text()) | {"in_chans": 3}
     cfg.write_text(json.dumps(wrong))
     with pytest.raises(SystemExit, match="takes 3×28"):
         pretrain(["--model-config", str(cfg), "--out", str(tmp_path / "x.safetensors"), "--epochs", "1",
-                  "--limit-train", "8", "--no-progress"])
+                  "--train-limit", "8", "--no-progress"])
