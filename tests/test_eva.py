@@ -120,6 +120,7 @@ def test_eva_nvit_prunes_again_and_round_trips(tmp_path):
         assert torch.equal(back(x), nv2(x))
 
 
+@pytest.mark.slow
 def test_eva02_tiny_prunes_and_converts_through_the_public_api():
     """EVA-02-T as timm builds it (random init; 56 px so the test stays fast), pruned by the Pruner
     to 60 % of its FLOPs and converted exactly."""

@@ -60,6 +60,7 @@ def test_pt2_round_trip_fixed_and_dynamic_batch(tmp_path):
         assert E.relative_error(nv(x), back(x)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_a_prune_run_folder_and_fp16(tmp_path, tiny_nvit):
     from nvit.prune import main as prune
 
@@ -90,6 +91,7 @@ def test_clear_errors(tmp_path, monkeypatch, capsys):
     assert 'no_such_package_xyz: pip install "nvit[export]"' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @onnx_ready
 def test_deit_small_exports_to_onnx(tmp_path):
     """A DeiT-S-sized NViT model (timm's DeiT-S, random weights, random uneven masks), at batch 1."""

@@ -143,6 +143,7 @@ def test_swin_converted_equals_masked(cfg, gran, seed, branches):
         _check_converted(a2.model, a2, random_masks(a2, "per-head", seed + 7), _image(cfg, seed=seed))
 
 
+@pytest.mark.slow  # full-size models: the tiny configurations above check the same conversion
 @pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swin_base_patch4_window7_224"])
 def test_swin_t_and_b_converted_equal_masked(name):
     torch.manual_seed(0)

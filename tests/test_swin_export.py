@@ -35,6 +35,7 @@ def test_standard_ops_window_attention_is_exact(cfg, gran, branches, pad):
         assert groups[0] == []
 
 
+@pytest.mark.slow
 @onnx_ready
 def test_swin_onnx_round_trip_dynamic_batch(tmp_path):
     import onnxruntime as ort
@@ -60,6 +61,7 @@ def test_swin_pt2_round_trip_dynamic_batch(tmp_path):
         assert E.relative_error(nv(x), back(x)) <= 1e-4
 
 
+@pytest.mark.slow
 @onnx_ready
 def test_swin_t_exports_to_onnx(tmp_path):
     """Swin-T as timm builds it (random weights, random uneven per-head masks), at batch 1 (~1 min)."""
