@@ -93,26 +93,23 @@ def test_eva02_model_end_to_end(tmp_path):
 
 
 def test_resume_reaches_the_same_masks(tiny_nvit, tmp_path):
+    """Interrupted in the pruning phase, resumed, interrupted again in the fine-tuning phase and resumed
+    again: the same masks, architecture and accuracy as the uninterrupted run."""
     common = ["--nvit-model", tiny_nvit, "--target", 0.5, *FAST]
     assert _run([*common, "--out", tmp_path / "full"]) == 0
     part = tmp_path / "part"
     assert _run([*common, "--out", part, "--stop-after", 4]) == 0  # interrupted after the 2nd prune step
     assert (part / "checkpoint.pt").is_file() and not (part / "report.json").exists()
+    assert torch.load(part / "checkpoint.pt", weights_only=True)["phase"] == "prune"
+    assert _run(["--resume", part, "--no-progress", "--stop-after", 9]) == 0  # 6 prune iterations + 3 fine-tune ones
+    assert torch.load(part / "checkpoint.pt", weights_only=True)["phase"] == "finetune"
+    assert not (part / "report.json").exists()
     assert _run(["--resume", part, "--no-progress"]) == 0
+    assert (part / "report.json").is_file()
     a, b = load_file(str(tmp_path / "full" / "masks.safetensors")), load_file(str(part / "masks.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (tmp_path / "full", part))
     assert ra["architecture"] == rb["architecture"] and ra["pruned"]["top1"] == rb["pruned"]["top1"]
-
-
-def test_resume_from_finetune_checkpoint(tiny_nvit, tmp_path):
-    common = ["--nvit-model", tiny_nvit, "--target", 0.5, *FAST]
-    part = tmp_path / "part"
-    assert _run([*common, "--out", part, "--stop-after", 9]) == 0  # 6 prune iterations + 3 fine-tune ones
-    ck = torch.load(part / "checkpoint.pt", weights_only=True)
-    assert ck["phase"] == "finetune"
-    assert _run(["--resume", part, "--no-progress"]) == 0
-    assert (part / "report.json").is_file()
 
 
 def test_several_targets_from_one_run_and_resume(tiny_nvit, tmp_path):
