@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nvit_kernels.layout import K, Q, V, head_spans
+
 from .model import NViT, UnevenAttention
 from .model_swin import NViTSwin, UnevenWindowAttention
 
@@ -54,9 +56,7 @@ class GroupedAttention(nn.Module):
         if getattr(attn, "rope_dim", 0):
             raise ValueError("nvit: exporting rotary (EVA-02) attention is not supported yet")
         qk, vd, sc = list(attn.qk_dims), list(attn.v_dims), list(attn.scales)
-        # Where each head's q, k, v rows start in the packed per-head qkv, and its columns in proj.
-        q0 = [sum(2 * qk[i] + vd[i] for i in range(h)) for h in range(len(qk))]
-        c0 = [sum(vd[:h]) for h in range(len(qk))]
+        spans = head_spans(qk, vd)  # each head's q, k, v rows in the packed per-head qkv, its columns in proj
         order: dict[tuple[int, int], list[int]] = {}
         for h in range(len(qk)):
             order.setdefault((_round_up(qk[h], pad_heads), _round_up(vd[h], pad_heads)), []).append(h)
@@ -65,13 +65,13 @@ class GroupedAttention(nn.Module):
         # The new layout as source indices (-1: a zero pad) and per-row factors (the folded q scales).
         rows, scale, cols = [], [], []
         for (dq, dv), hs in order.items():
-            for part, width in ((0, dq), (1, dq), (2, dv)):  # [q of every head | k … | v …]
+            for part, width in ((Q, dq), (K, dq), (V, dv)):  # [q of every head | k … | v …]
                 for h in hs:
-                    start, n = q0[h] + part * qk[h], (qk[h] if part < 2 else vd[h])
-                    rows += list(range(start, start + n)) + [-1] * (width - n)
-                    scale += [sc[h] if part == 0 else 1.0] * width
+                    src = spans[h].part(part)
+                    rows += list(range(src.start, src.stop)) + [-1] * (width - (src.stop - src.start))
+                    scale += [sc[h] if part == Q else 1.0] * width
             for h in hs:
-                cols += list(range(c0[h], c0[h] + vd[h])) + [-1] * (dv - vd[h])
+                cols += list(range(spans[h].out.start, spans[h].out.stop)) + [-1] * (dv - vd[h])
         self.qkv = _gathered(attn.qkv, torch.tensor(rows), torch.tensor(scale), dim=0)
         self.proj = _gathered(attn.proj, torch.tensor(cols), None, dim=1)
 

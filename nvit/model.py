@@ -3,7 +3,7 @@ QK and V dims and MLP width, over one (pruned) embedding width shared by all blo
 
 Parameter names mirror timm's VisionTransformer (patch_embed.proj, blocks.i.attn.qkv, ...), so the
 ViT family's structure declaration (nvit/families/vit.py) applies to it too; the qkv Linear's rows are
-packed per head as [q_h, k_h, v_h], the layout the uneven-dims attention op reads.
+packed per head as [q_h, k_h, v_h], the layout the uneven-dims attention op reads (nvit_kernels.layout).
 
 Outputs at the source's width. Inside, the residual stream is the pruned embedding (embed_dim kept
 channels); what the model hands out -- ``forward_features``, the pooled features of a headless model
@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nvit_kernels import layout
 from nvit_kernels.attention import uneven_attention
 
 
@@ -67,7 +68,7 @@ class BlockConfig:
 
     @property
     def qkv_out(self) -> int:
-        return 2 * sum(self.qk_dims) + sum(self.v_dims)
+        return layout.qkv_width(self.qk_dims, self.v_dims)
 
 
 @dataclass
@@ -235,10 +236,9 @@ def attend(qkv: torch.Tensor, qk_dims, v_dims, scales, attn_drop: nn.Dropout, bi
         return uneven_attention(qkv, qk_dims, v_dims, scales, bias=bias, mask=mask)
     if mask is not None:
         mask = mask.repeat(qkv.shape[0] // mask.shape[0], 1, 1)  # batch element b uses mask[b % nW]
-    outs, off = [], 0
-    for h, (dq, dv, s) in enumerate(zip(qk_dims, v_dims, scales)):
-        q, k, v = qkv[..., off:off + dq], qkv[..., off + dq:off + 2 * dq], qkv[..., off + 2 * dq:off + 2 * dq + dv]
-        off += 2 * dq + dv
+    outs = []
+    for h, (span, s) in enumerate(zip(layout.head_spans(qk_dims, v_dims), scales)):
+        q, k, v = qkv[..., span.q], qkv[..., span.k], qkv[..., span.v]
         logits = (q @ k.transpose(-1, -2)).float() * s
         if bias is not None:
             logits = logits + bias[h].float()
@@ -307,23 +307,20 @@ class UnevenAttention(nn.Module):
         pruning keeps whole). Into the table [sin | cos | 1 | 0]; v channels get cos 1, sin 0."""
         one, zero = 2 * R, 2 * R + 1
         cos_i, sin_i, partner, sign = [], [], [], []
-        off = 0
-        for h, (q, v) in enumerate(zip(cfg.qk_dims, cfg.v_dims)):
+        for h, span in enumerate(layout.head_spans(cfg.qk_dims, cfg.v_dims)):
             src = list(cfg.qk_index[h])
             pos = {d: i for i, d in enumerate(src)}
-            for part in range(2):  # q, then k
-                base = off + part * q
+            for base in (span.q.start, span.k.start):
                 for i, d in enumerate(src):
                     cos_i.append(R + d)
                     sin_i.append(d)
                     partner.append(base + pos[d ^ 1])
                     sign.append(-1.0 if d % 2 == 0 else 1.0)
-            for j in range(v):
+            for j in range(span.v.start, span.v.stop):
                 cos_i.append(one)
                 sin_i.append(zero)
-                partner.append(off + 2 * q + j)
+                partner.append(j)
                 sign.append(0.0)
-            off += 2 * q + v
         for n, t in (("rope_cos", cos_i), ("rope_sin", sin_i), ("rope_partner", partner)):
             self.register_buffer(n, torch.tensor(t, dtype=torch.long), persistent=False)
         self.register_buffer("rope_sign", torch.tensor(sign), persistent=False)
@@ -339,9 +336,8 @@ class UnevenAttention(nn.Module):
 
     def _normalize_qk(self, qkv):
         parts = []
-        for h, t in enumerate(qkv.split([2 * q + v for q, v in zip(self.qk_dims, self.v_dims)], dim=-1)):
-            q, k, v = t.split([self.qk_dims[h], self.qk_dims[h], self.v_dims[h]], dim=-1)
-            parts += [self.q_norm(q), self.k_norm(k), v]
+        for span in layout.head_spans(self.qk_dims, self.v_dims):
+            parts += [self.q_norm(qkv[..., span.q]), self.k_norm(qkv[..., span.k]), qkv[..., span.v]]
         return torch.cat(parts, dim=-1)
 
     def forward(self, x, rope: torch.Tensor | None = None, prefix: int = 0):

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from nvit_kernels import layout
+
 from ..spec import HEAD, MLP, QK, V, BlockDims, Masks, Slice
 from .vit import ViTFamily
 
@@ -120,10 +122,8 @@ class EvaFamily(ViTFamily):
         if self.is_nvit or not self._param(p + "attn.q_bias"):
             return out
         # q_bias / v_bias: head-major vectors of q (v) channels, as q's (v's) rows of qkv
-        q_head = torch.cat([torch.full((n * self.qk_width,), h) for h, n in enumerate(bd.qk_units)])
-        q_dim = torch.cat([torch.arange(n * self.qk_width) for n in bd.qk_units])
-        v_head = torch.cat([torch.full((n,), h) for h, n in enumerate(bd.v_dims)])
-        v_dim = torch.cat([torch.arange(n) for n in bd.v_dims])
+        q_head, q_dim = layout.head_major([n * self.qk_width for n in bd.qk_units])
+        v_head, v_dim = layout.head_major(bd.v_dims)
         out += [Slice(p + "attn.q_bias", 0, QK, b, q_dim // self.qk_width, q_head, writes=True),
                 Slice(p + "attn.q_bias", 0, HEAD, b, q_head),
                 Slice(p + "attn.v_bias", 0, V, b, v_dim, v_head), Slice(p + "attn.v_bias", 0, HEAD, b, v_head)]
@@ -175,11 +175,7 @@ class EvaFamily(ViTFamily):
             q_bias = sd.pop(p + "attn.q_bias", None)
             v_bias = sd.pop(p + "attn.v_bias", None)
             if q_bias is not None and bc.has_attn:  # per head [q_h | 0 for k_h | v_h]
-                parts = []
-                qs, vs = q_bias.split(bc.qk_dims), v_bias.split(bc.v_dims)
-                for h in range(bc.heads):
-                    parts += [qs[h], torch.zeros_like(qs[h]), vs[h]]
-                sd[p + "attn.qkv.bias"] = torch.cat(parts)
+                sd[p + "attn.qkv.bias"] = layout.pack(q_bias, torch.zeros_like(q_bias), v_bias, bc.qk_dims, bc.v_dims)
         if config.rope_dim:
             sd["rope"] = m.rope.get_embed().detach().reshape(config.num_patches, 2 * config.rope_dim).clone()
         return sd

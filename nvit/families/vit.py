@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from nvit_kernels import layout
+
 from ..model import BlockConfig, NViT, NViTConfig, drop_path_of
 from ..spec import ATTN_BRANCH, EMBED, HEAD, MLP, MLP_BRANCH, QK, V, BlockDims, Dims, Family, Masks, Slice
 
@@ -43,8 +45,10 @@ def _is_layernorm(mod: nn.Module) -> bool:
 
 def qkv_rows(bd: BlockDims, sections: bool, qk_width: int = 1) -> tuple[torch.Tensor, ...]:
     """(part 0/1/2 = q/k/v, head, dim) of every row of a fused qkv Linear: timm's sections (all q,
-    then all k, then all v; equal dims per head) or NViT's per head [q_h k_h v_h]."""
+    then all k, then all v; equal dims per head) or NViT's per head [q_h k_h v_h] (nvit_kernels.layout)."""
     qk = [n * qk_width for n in bd.qk_units]
+    if not sections:
+        return layout.packed_rows(qk, bd.v_dims)
     parts, heads, dims = [], [], []
 
     def add(part, h, n):
@@ -52,15 +56,9 @@ def qkv_rows(bd: BlockDims, sections: bool, qk_width: int = 1) -> tuple[torch.Te
         heads.append(torch.full((n,), h))
         dims.append(torch.arange(n))
 
-    if sections:
-        for part, per_head in ((0, qk), (1, qk), (2, bd.v_dims)):
-            for h in range(bd.heads):
-                add(part, h, per_head[h])
-    else:
+    for part, per_head in ((layout.Q, qk), (layout.K, qk), (layout.V, bd.v_dims)):
         for h in range(bd.heads):
-            add(0, h, qk[h])
-            add(1, h, qk[h])
-            add(2, h, bd.v_dims[h])
+            add(part, h, per_head[h])
     return torch.cat(parts), torch.cat(heads), torch.cat(dims)
 
 
@@ -222,18 +220,17 @@ class ViTFamily(Family):
         """The qkv rows (q writes the QK units) and proj columns (head and V units write)."""
         part, head, dim = qkv_rows(bd, sections=not self.is_nvit, qk_width=self.qk_width)
         unit = dim // self.qk_width
-        order = head * 3 * (int(dim.max()) + 1) + part * (int(dim.max()) + 1) + dim  # → NViT's per-head order
+        order = layout.packed_order(part, head, dim)  # → NViT's per-head order
         qkv = [
-            dict(axis=0, kind=QK, index=torch.where(part == 0, unit, -1), head=head, writes=True, order=order),
-            dict(axis=0, kind=QK, index=torch.where(part == 1, unit, -1), head=head),
-            dict(axis=0, kind=V, index=torch.where(part == 2, dim, -1), head=head),
+            dict(axis=0, kind=QK, index=torch.where(part == layout.Q, unit, -1), head=head, writes=True, order=order),
+            dict(axis=0, kind=QK, index=torch.where(part == layout.K, unit, -1), head=head),
+            dict(axis=0, kind=V, index=torch.where(part == layout.V, dim, -1), head=head),
             dict(axis=0, kind=HEAD, index=head),
         ]
         out = [Slice(p + "attn.qkv.weight", block=b, **kw) for kw in qkv]
         if self._param(p + "attn.qkv.bias"):
             out += [Slice(p + "attn.qkv.bias", block=b, **kw) for kw in qkv]
-        col_head = torch.cat([torch.full((n,), h) for h, n in enumerate(bd.v_dims)])
-        col_dim = torch.cat([torch.arange(n) for n in bd.v_dims])
+        col_head, col_dim = layout.head_major(bd.v_dims)  # proj reads the heads' values back to back
         out += [Slice(p + "attn.proj.weight", -1, HEAD, b, col_head, writes=True),
                 Slice(p + "attn.proj.weight", -1, V, b, col_dim, col_head, writes=True)]
         return out
