@@ -32,6 +32,11 @@ Kinds (the method's structures)::
                  a QK unit is `Family.qk_width` dims (2 for rotary embeddings: a rotated pair)
     mlp          one MLP channel of a block
     attn_branch / mlp_branch   a block's whole attention / MLP branch (layer skipping)
+
+The kinds and the rules of removing a unit -- what it takes with it (a head its QK/V units, a branch
+its contents), the floors (never the last head, QK/V unit, MLP or embedding channel), what may go at
+all -- are declared once in :mod:`nvit.kinds`, and the masks below, the Pruner's removals, its cost
+deltas (nvit.cost_model) and its guards all read them there.
 """
 from __future__ import annotations
 
@@ -43,9 +48,8 @@ import torch.nn as nn
 
 from nvit_kernels.saliency import TensorMap
 
-EMBED, HEAD, QK, V, MLP, ATTN_BRANCH, MLP_BRANCH = range(7)
-KIND_NAMES = ("embed", "head", "qk", "v", "mlp", "attn_branch", "mlp_branch")
-GRANULARITIES = ("aligned", "per-head")
+from .kinds import (ATTN_BRANCH, EMBED, GRANULARITIES, HEAD, KIND_NAMES, MLP, MLP_BRANCH, QK,  # noqa: F401
+                    TAKES, V)
 
 
 class UnsupportedModelError(ValueError):
@@ -196,9 +200,9 @@ class Masks:
 
     embed [D] (a hierarchical model: one [D_s] per stage, a list); per block: heads [H], qk [H, QK units],
     v [H, dv], mlp [M]; attn_on / mlp_on [depth]:
-    whether each block keeps its attention / MLP branch. A removed head's QK and V entries are False
-    too, and so are all heads (all MLP channels) of a removed branch. In "aligned" granularity the
-    qk/v rows of all alive heads are equal.
+    whether each block keeps its attention / MLP branch. What a removed unit takes with it
+    (nvit.kinds.TAKES: a head its QK and V entries, a branch all its heads or MLP channels) is False
+    too. In "aligned" granularity the qk/v rows of all alive heads are equal.
     """
 
     embed: torch.Tensor | list[torch.Tensor]
@@ -256,7 +260,7 @@ class Masks:
             return self.embed_of(block)[None]
         if kind == HEAD:
             return self.heads[block][None]
-        if kind in (QK, V):
+        if kind in TAKES[HEAD]:  # QK / V: alive while their head is
             return (self.qk if kind == QK else self.v)[block] & self.heads[block][:, None]
         if kind == MLP:
             return self.mlp[block][None]
