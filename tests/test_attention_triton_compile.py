@@ -14,6 +14,8 @@ from nvit_kernels import dispatch
 if not dispatch.triton_status()[0]:
     pytest.skip(dispatch.triton_status()[1], allow_module_level=True)
 
+pytestmark = pytest.mark.slow  # a cold Triton cache compiles each case for 5-25 s
+
 import torch  # noqa: E402
 import triton  # noqa: E402
 

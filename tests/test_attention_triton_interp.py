@@ -176,6 +176,7 @@ def _extras_checks(stock) -> list[dict]:
     return results
 
 
+@pytest.mark.slow  # ~10-30 s: every case runs in Triton's CPU interpreter
 def test_triton_interpreter():
     # The source tree first on the path: run as a script, this file would otherwise import whatever
     # nvit_kernels is installed (sys.path[0] is tests/, not the checkout).
