@@ -63,6 +63,11 @@ def cuda_native_usable() -> bool:
     return _native.cuda_compiled() and _native.cuda_device_count()[0] > 0
 
 
+def cuda_backend() -> str:
+    """The default backend for CUDA tensors ("triton" or "cuda"; see :func:`set_cuda_backend`)."""
+    return _cuda_backend
+
+
 def set_cuda_backend(name: str) -> None:
     """Pick the default backend for CUDA tensors: "triton" or "cuda"."""
     global _cuda_backend

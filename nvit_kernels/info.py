@@ -40,7 +40,7 @@ def info() -> dict:
         "extension_error": _native.LOAD_ERROR,
         "extension_source_digest": getattr(_native._C, "source_digest", None),
         "fallback_allowed": _native.fallback_allowed(),
-        "cuda_backend_default": dispatch._cuda_backend,
+        "cuda_backend_default": dispatch.cuda_backend(),
     }
 
 

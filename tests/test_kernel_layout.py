@@ -203,6 +203,16 @@ def test_a_table_runs_the_backend_dispatch_selects():
     assert A._FORWARD.select(cpu) is A._FORWARD.impls[dispatch.resolve("attention", cpu)]
 
 
+def test_no_module_reads_dispatch_privates():
+    """The ops and info go through dispatch's public functions (warn_fallback, cuda_backend, ...)."""
+    for path in KERNELS.glob("*.py"):
+        if path.name == "dispatch.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "dispatch":
+                assert not node.attr.startswith("_"), f"{path.name} reads dispatch.{node.attr}"
+
+
 def test_warn_fallback_is_public_and_warns_once():
     op = "test_kernel_layout op"
     with pytest.warns(RuntimeWarning, match=r"test_kernel_layout op: cuda backend unavailable \(why\); running "
