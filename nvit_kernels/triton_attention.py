@@ -59,6 +59,30 @@ def _additive(bias, mask, h, b, NW, N, q, k, valid, HAS_BIAS: tl.constexpr, HAS_
 
 
 @triton.jit
+def _online_logits(q, base, dq, offs_dq, offs_m, offs_n, mask_m, mask_n, W, N, m_i, qk_scale, bias, mask, h, b, NW,
+                   IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
+    """One key tile of the online softmax: (scaled base-2 logits with masked keys at -inf, the new running
+    row max, the max to subtract -- with bias/mask 0 for a row all -inf so far: exp2(-inf - 0) = 0, not NaN)."""
+    kt = tl.load(base + dq + offs_n[None, :] * W + offs_dq[:, None],
+                 mask=mask_n[None, :] & (offs_dq[:, None] < dq), other=0.0)
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    if HAS_BIAS or HAS_MASK:
+        s = s * qk_scale + _additive(bias, mask, h, b, NW, N, offs_m[:, None], offs_n[None, :],
+                                     mask_m[:, None] & mask_n[None, :], HAS_BIAS, HAS_MASK)
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    return s, m_new, m_use
+
+
+@triton.jit
 def _fwd_kernel(qkv, out, tab_in, tab_out, tab_qk, tab_v, tab_scale, tab_h, bias, mask, NW, HB, N, W, OW,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
                 IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
@@ -80,22 +104,8 @@ def _fwd_kernel(qkv, out, tab_in, tab_out, tab_qk, tab_v, tab_scale, tab_h, bias
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        kt = tl.load(base + dq + offs_n[None, :] * W + offs_dq[:, None],
-                     mask=mask_n[None, :] & (offs_dq[:, None] < dq), other=0.0)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        if HAS_BIAS or HAS_MASK:
-            s = s * qk_scale + _additive(bias, mask, h, b, NW, N, offs_m[:, None], offs_n[None, :],
-                                         mask_m[:, None] & mask_n[None, :], HAS_BIAS, HAS_MASK)
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2(-inf - 0) = 0, not NaN
-        else:
-            s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = m_new
+        s, m_new, m_use = _online_logits(q, base, dq, offs_dq, offs_m, offs_n, mask_m, mask_n, W, N, m_i, qk_scale,
+                                         bias, mask, h, b, NW, IEEE, HAS_BIAS, HAS_MASK)
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -136,22 +146,8 @@ def _bwd_stats_kernel(qkv, out, gout, lse, delta, tab_in, tab_out, tab_qk, tab_v
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        kt = tl.load(base + dq + offs_n[None, :] * W + offs_dq[:, None],
-                     mask=mask_n[None, :] & (offs_dq[:, None] < dq), other=0.0)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        if HAS_BIAS or HAS_MASK:
-            s = s * qk_scale + _additive(bias, mask, h, b, NW, N, offs_m[:, None], offs_n[None, :],
-                                         mask_m[:, None] & mask_n[None, :], HAS_BIAS, HAS_MASK)
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = m_new
+        s, m_new, m_use = _online_logits(q, base, dq, offs_dq, offs_m, offs_n, mask_m, mask_n, W, N, m_i, qk_scale,
+                                         bias, mask, h, b, NW, IEEE, HAS_BIAS, HAS_MASK)
         l_i = l_i * tl.math.exp2(m_i - m_use) + tl.sum(tl.math.exp2(s - m_use[:, None]), 1)
         m_i = m_new
     o_off = b * N * OW + out_off + offs_m[:, None] * OW + offs_dv[None, :]
