@@ -49,12 +49,23 @@ def _cpu_tensors(x) -> bool:
     return True
 
 
+def _on_meta(make):
+    """`make()` under the meta device, or a skip where timm itself cannot build it there (timm 1.0.16's
+    ViT constructor calls .item() on its drop-path schedule; nothing of nvit's runs before that)."""
+    try:
+        return make()
+    except (RuntimeError, NotImplementedError) as e:
+        if "meta" not in str(e):
+            raise
+        pytest.skip(f"timm {timm.__version__} cannot build this model on the meta device ({e})")
+
+
 @pytest.mark.parametrize("make", [_vit, _swin, _eva], ids=["vit", "swin", "eva"])
 @pytest.mark.parametrize("granularity", ["aligned", "per-head"])
 def test_adapter_on_meta_model_matches_cpu(make, granularity):
     ref = _view(Adapter(make()), granularity)
     with torch.device("meta"):
-        model = make()
+        model = _on_meta(make)
         assert next(model.parameters()).is_meta
         got = _view(Adapter(model), granularity)
     (maps, ui, masks, slices, cfg), (r_maps, r_ui, r_masks, r_slices, r_cfg) = got, ref
@@ -78,7 +89,8 @@ def test_adapter_on_meta_model_matches_cpu(make, granularity):
 def test_bench_saliency_fixture_on_meta():
     """bench_saliency's fixture: DeiT-S built on meta, its maps turned into a saliency plan on the CPU."""
     with torch.device("meta"):
-        named, ui = Adapter(timm.create_model("deit_small_patch16_224")).saliency_maps("aligned")
+        model = _on_meta(lambda: timm.create_model("deit_small_patch16_224"))
+        named, ui = Adapter(model).saliency_maps("aligned")
     maps = [m for _, m in named]
     plan = SaliencyPlan.build(maps, ui.num_units, device=torch.device("cpu"))
     assert ui.num_units > 0 and plan is not None
