@@ -284,7 +284,7 @@ class PruneTraining(TrainingLoop):
 
     def after_iteration(self, it: int) -> bool:
         """A prune step when one is due; whether one ran (a checkpoint follows it)."""
-        from .pruner import Target, TargetUnreachableError
+        from .pruner import Target
 
         r, s, pruner = self.run, self.run.settings, self.pruner
         if it % s["prune_every"] != 0 or pruner.done:
@@ -292,13 +292,8 @@ class PruneTraining(TrainingLoop):
         if not pruner.has_saliency:  # fp16: every step so far overflowed; prune when one did not
             r.log(f"prune step postponed @ it {it}: no finite gradients since the last step")
             return False
-        try:
-            info = pruner.prune_step(self.n_units)
-        except TargetUnreachableError as e:
-            raise RunError(str(e)) from None
-        engine.check_agreement("prune masks", pruner.masks.state_dict(), r.procs)
-        kinds = ", ".join(f"{k} {v}" for k, v in info.removed.items() if v)
-        r.log(f"prune step {info.step} @ it {it}: removed {kinds or 'nothing'}; "
+        info, kinds = prune_step(pruner, self.n_units, r.procs)
+        r.log(f"prune step {info.step} @ it {it}: removed {kinds}; "
               f"{s['target_metric']} {info.fraction:.3f} of dense; loss {r.book['loss_avg']:.4f}")
         # One step may pass several targets: each passed one gets this model (it is at or
         # below each of them, and below the first by at most the last group's cost).
@@ -338,6 +333,18 @@ def prune_phase(r: Run, ck: dict | None):
     return raw, pruner
 
 
+def prune_step(pruner, n_units: int, procs: Processes):
+    """One prune step of either phase: (its info, what it removed as text), the ranks' masks compared."""
+    from .pruner import TargetUnreachableError
+
+    try:
+        info = pruner.prune_step(n_units)
+    except TargetUnreachableError as e:
+        raise RunError(str(e)) from None
+    engine.check_agreement("prune masks", pruner.masks.state_dict(), procs)
+    return info, ", ".join(f"{k} {v}" for k, v in info.removed.items() if v) or "nothing"
+
+
 def auto_units(s: dict, pruner, planned: int) -> int:
     """N so that removing N units per step would meet the target two thirds into the phase:
     the alive units times the fraction still to remove, over the steps available."""
@@ -353,7 +360,7 @@ def one_shot_phase(r: Run):
     step too, and leaves a snapshot) and the saliency is estimated afresh after every step (no EMA:
     the pruned model's own gradients). fp16 backpropagates with loss scaling (a batch that overflows
     is retried at half the scale); a batch whose gradients are not finite feeds no saliency."""
-    from .pruner import Target, TargetUnreachableError
+    from .pruner import Target
 
     s = r.settings
     raw = copy.deepcopy(r.dense).eval()
@@ -374,10 +381,10 @@ def one_shot_phase(r: Run):
             x, y = next(data)
             for _ in range(MAX_CONSECUTIVE_SKIPS):
                 raw.zero_grad(set_to_none=False)
-                loss = r.loss(model, x, y)
-                if r.precision.scaled_gradients(loss, params) or r.precision.scaler is None:
+                finite = r.precision.scaled_gradients(r.loss(model, x, y), params)
+                if finite or r.precision.scaler is None:
                     break  # fp16: retried at half the scale after an overflow
-            if engine.grads_finite(params):
+            if finite:
                 pruner.accumulate()
             else:
                 r.book["skipped_steps"] += 1
@@ -386,13 +393,8 @@ def one_shot_phase(r: Run):
             raise RunError(f"one-shot step {k}: no batch of {n} gave finite gradients"
                            + (" (try --amp bf16 or none)" if r.precision.name == "fp16" else ""))
         pruner.target = Target(final.metric, fraction)
-        try:
-            info = pruner.prune_step(pruner.units.num_units)
-        except TargetUnreachableError as e:
-            raise RunError(str(e)) from None
-        engine.check_agreement("prune masks", pruner.masks.state_dict(), r.procs)
-        kinds = ", ".join(f"{kk} {v}" for kk, v in info.removed.items() if v)
-        r.log(f"one-shot step {k}/{len(schedule)}: removed {kinds or 'nothing'}; {final.metric} "
+        info, kinds = prune_step(pruner, pruner.units.num_units, r.procs)
+        r.log(f"one-shot step {k}/{len(schedule)}: removed {kinds}; {final.metric} "
               f"{info.fraction:.3f} of dense")
         if fraction in earlier:
             raw.zero_grad(set_to_none=True)
